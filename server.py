@@ -1,0 +1,982 @@
+#!/usr/bin/env python3
+"""chatroom server: one chat room behind a passcode, over TCP (optionally TLS).
+
+    python3 server.py -start -port <port> -passcode <passcode> [options]
+
+The contract is SPEC.md; the wire protocol is docs/PROTOCOL.md. This file runs
+alone (standard library only, Python 3.10+) and is laid out in three parts,
+top to bottom:
+
+1. THE PURE CORE. Bytes to lines (LineReader), a line to a command value
+   (parse_command), the room's state and its transitions (Room), and the
+   login throttle. Every transition returns plain values saying what to
+   deliver to whom and what the server prints. Nothing in the core touches
+   asyncio, sockets, files or clocks: the current time is passed in. It is
+   unit-tested from tables with no event loop (tests/unit/test_core.py).
+2. THE ASYNCIO TRANSPORT. One event loop, one Protocol per connection, the
+   limits against hostile or broken clients, and write coalescing: what is
+   due to one client in one pass of the loop goes out in one write, and a
+   broadcast is encoded and joined once for everyone.
+3. THE COMMAND LINE.
+
+Rules this file keeps: the server's stdout carries only the contract's lines;
+every error a person can cause is one line on stderr, never a traceback; no
+byte from one client reaches another's terminal as a control character.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import hmac
+import ipaddress
+import itertools
+import re
+import signal
+import socket
+import ssl
+import sys
+import time
+import unicodedata
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Final, Union
+
+# ============================================================================
+# 1. The pure core
+# ============================================================================
+
+PROTOCOL_VERSION: Final = 1
+TIME_FORMAT: Final = "%a %b %d %H:%M:%S %Y"
+MAX_USERNAME: Final = 8
+
+_PASSCODE = re.compile(r"[A-Za-z0-9]{1,5}", re.ASCII)
+_CONTROL_CHARS: Final = "".join(map(chr, [*range(0x20), 0x7F, *range(0x80, 0xA0)]))
+_NEUTRALISE: Final = str.maketrans(dict.fromkeys(_CONTROL_CHARS, "\ufffd"))
+
+
+def is_valid_passcode(text: str) -> bool:
+    """SPEC.md: a passcode is 1 to 5 ASCII letters or digits."""
+    return _PASSCODE.fullmatch(text) is not None
+
+
+def username_problem(name: str) -> str | None:
+    """Why `name` cannot be a username, or None if it can.
+
+    SPEC.md: 1 to 8 characters; no whitespace, no ':', no control characters.
+    Invisible format characters (zero-width spaces, bidi overrides) count as
+    control characters here, so that no two names can look the same.
+    """
+    if not 1 <= len(name) <= MAX_USERNAME:
+        return "a username has 1 to 8 characters"
+    for ch in name:
+        if ch == ":" or ch.isspace() or unicodedata.category(ch)[0] in "CZ":
+            return "a username may not contain whitespace, ':' or control characters"
+    return None
+
+
+def name_key(name: str) -> str:
+    """Usernames are unique ignoring case: `Bob` cannot join while `bob` is in."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def neutralise(text: str) -> str:
+    """Replace every control character with U+FFFD, so no terminal obeys it."""
+    return text.translate(_NEUTRALISE)
+
+
+def room_time(now: float) -> str:
+    """The room's clock, as SPEC.md spells it: `Wed Sep 24 12:31:44 2025`."""
+    return time.strftime(TIME_FORMAT, time.localtime(now))
+
+
+# --- Bytes to lines ----------------------------------------------------------
+
+
+class TooLong:
+    """A line longer than the limit arrived; it was dropped."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "TOO_LONG"
+
+
+class Flood:
+    """More bytes than allowed arrived without a line end; stop reading."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "FLOOD"
+
+
+TOO_LONG: Final = TooLong()
+FLOOD: Final = Flood()
+Received = Union[str, TooLong, Flood]
+
+
+class LineReader:
+    """Cuts a byte stream into decoded lines, holding at most `max_line` bytes.
+
+    feed() returns, in order, one item per line end seen: the line as text
+    (a trailing CR dropped, invalid UTF-8 replaced by U+FFFD) or TOO_LONG for
+    a line over the limit. Once more than `max_unterminated` bytes arrive with
+    no line end, the last item is FLOOD and the reader accepts nothing more.
+    Whatever the bytes, feed() raises nothing.
+    """
+
+    __slots__ = ("_buf", "_flooded", "_skipped", "max_line", "max_unterminated")
+
+    def __init__(self, max_line: int, max_unterminated: int | None = None) -> None:
+        self.max_line = max_line
+        self.max_unterminated = max_unterminated or 8 * max_line
+        self._buf = b""
+        self._skipped = -1  # bytes of an over-long line dropped so far; -1: none
+        self._flooded = False
+
+    def feed(self, data: bytes) -> list[Received]:
+        if self._flooded:
+            return []
+        if self._buf:
+            data = self._buf + data
+            self._buf = b""
+        *lines, tail = data.split(b"\n")
+        out: list[Received] = []
+        limit, flood = self.max_line, self.max_unterminated
+        skipped = self._skipped
+        for raw in lines:
+            if skipped >= 0:  # the end of an over-long line whose start was dropped
+                if skipped + len(raw) > flood:
+                    return self._flood(out)
+                out.append(TOO_LONG)
+                skipped = -1
+                continue
+            if len(raw) > limit:
+                if len(raw) > flood:
+                    return self._flood(out)
+                if len(raw) > limit + 1 or raw[-1:] != b"\r":
+                    out.append(TOO_LONG)
+                    continue
+            if raw[-1:] == b"\r":
+                raw = raw[:-1]
+            out.append(raw.decode("utf-8", "replace"))
+        if skipped >= 0:
+            skipped += len(tail)
+        elif len(tail) > limit + 1:  # room for a CR before the line end
+            skipped = len(tail)
+        else:
+            self._buf = tail
+        if skipped > flood:
+            return self._flood(out)
+        self._skipped = skipped
+        return out
+
+    def _flood(self, out: list[Received]) -> list[Received]:
+        self._flooded = True
+        self._buf = b""
+        out.append(FLOOD)
+        return out
+
+
+# --- Lines to commands -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Say:
+    """Text for the others (`alice: <text>`); `echo`: the sender sees it too."""
+
+    text: str
+    echo: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Tell:
+    """The room's time, `hours` ahead, for everyone (`:mytime`, `:+1hr`)."""
+
+    hours: int
+
+
+@dataclass(frozen=True, slots=True)
+class Users:
+    """`:Users`: the member list, back to the asker."""
+
+
+@dataclass(frozen=True, slots=True)
+class Whisper:
+    """`:Msg <to> <text>`: a private message."""
+
+    to: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    """`:Exit`: leave the room."""
+
+
+@dataclass(frozen=True, slots=True)
+class Blank:
+    """An empty line, or only spaces: nothing to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A command with the wrong shape; `usage` is the one-line help."""
+
+    usage: str
+
+
+Command = Union[Say, Tell, Users, Whisper, Exit, Blank, Malformed]
+
+COMMANDS: Final[dict[str, Command]] = {
+    ":)": Say("[feeling happy]"),
+    ":(": Say("[feeling sad]"),
+    ":mytime": Tell(0),
+    ":+1hr": Tell(1),
+    ":Users": Users(),
+    ":Exit": Exit(),
+}
+MSG_USAGE: Final = "Usage: :Msg <username> <message>"
+
+
+def parse_command(line: str) -> Command:
+    """What a member's line asks for (SPEC.md, 'In the room').
+
+    Commands count only as the whole line. A leading backslash before `:` or
+    another backslash is removed and the rest is plain text (`\\:)` -> `:)`).
+    """
+    command = COMMANDS.get(line)
+    if command is not None:
+        return command
+    if line.startswith(":Msg ") or line == ":Msg":
+        to, _, text = line[5:].partition(" ")
+        if not to or not text.strip():
+            return Malformed(MSG_USAGE)
+        return Whisper(to, neutralise(text))
+    if not line.strip():
+        return Blank()
+    if line[:2] in ("\\:", "\\\\"):
+        line = line[1:]
+    return Say(neutralise(line))
+
+
+# --- The room ----------------------------------------------------------------
+# Events are facts about the room; Room.apply turns each into outputs. A
+# command first becomes events (decide), then events become outputs (apply):
+# on one server both happen at once; a cluster can carry events between them.
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Left:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Said:
+    name: str
+    text: str
+    echo: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Whispered:
+    sender: str
+    to: str
+    text: str
+
+
+Event = Union[Joined, Left, Said, Whispered]
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Send `line` to member `to`, or (to=None) to every member but `skip`."""
+
+    line: str
+    to: str | None = None
+    skip: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    """The server prints `line`."""
+
+    line: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """Tell member `to` that something it asked for failed; it stays."""
+
+    to: str
+    code: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    """Member `to` has left by asking: answer `:bye`, then close."""
+
+    to: str
+
+
+Output = Union[Deliver, Log, Fail, Bye]
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A login turned down: the protocol's error code and its one line."""
+
+    code: str
+    text: str
+
+
+class Room:
+    """One chat room: who is in it, in join order, and what each act causes."""
+
+    def __init__(self, passcode: str) -> None:
+        self._passcode = passcode.encode()
+        self._members: dict[str, str] = {}  # name_key -> name, in join order
+
+    def __contains__(self, name: str) -> bool:
+        return name_key(name) in self._members
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._members.values())
+
+    def passcode_ok(self, passcode: str) -> bool:
+        """Constant-time comparison, so timing tells nothing about the passcode."""
+        return hmac.compare_digest(passcode.encode(), self._passcode)
+
+    def check_login(self, passcode: str, name: str) -> Refused | None:
+        """Why this login is refused, or None. The passcode is checked first."""
+        if not self.passcode_ok(passcode):
+            return Refused("passcode", "Incorrect passcode")
+        problem = username_problem(name)
+        if problem is not None:
+            return Refused("bad-username", f"Invalid username: {problem}")
+        if name in self:
+            return Refused("name-taken", f"The username {name} is already in the chatroom")
+        return None
+
+    def join(self, name: str) -> list[Output]:
+        """`name` (already checked) enters the room."""
+        return self.apply(Joined(name))
+
+    def leave(self, name: str) -> list[Output]:
+        """`name` is gone without asking (connection lost): as if it typed :Exit."""
+        if name not in self:
+            return []
+        return self.apply(Left(name))
+
+    def handle(self, name: str, command: Command, now: float) -> list[Output]:
+        """Member `name` typed `command` at time `now` (seconds since the epoch)."""
+        events, replies = self.decide(name, command, now)
+        outputs: list[Output] = []
+        for event in events:
+            outputs += self.apply(event)
+        return outputs + replies
+
+    def decide(self, name: str, command: Command, now: float) -> tuple[list[Event], list[Output]]:
+        """The events `command` causes, and the replies that follow them."""
+        if isinstance(command, Say):
+            return [Said(name, command.text, command.echo)], []
+        if isinstance(command, Tell):
+            return [Said(name, room_time(now + 3600 * command.hours), echo=True)], []
+        if isinstance(command, Users):
+            listing = "Active Users: " + ", ".join(self._members.values())
+            return [], [Log(f"{name}: searched up active users"), Deliver(listing, to=name)]
+        if isinstance(command, Whisper):
+            to = self._members.get(name_key(command.to))
+            if to is None:
+                return [], [Fail(name, "no-such-user", f"No user named {command.to} is in the chatroom")]
+            return [Whispered(name, to, command.text)], []
+        if isinstance(command, Exit):
+            return [Left(name)], [Bye(name)]
+        if isinstance(command, Malformed):
+            return [], [Fail(name, "usage", command.usage)]
+        return [], []  # Blank
+
+    def apply(self, event: Event) -> list[Output]:
+        """Change the room by `event`; return what to deliver and print."""
+        if isinstance(event, Said):
+            line = f"{event.name}: {event.text}"
+            return [Log(line), Deliver(line, skip=None if event.echo else event.name)]
+        if isinstance(event, Whispered):
+            return [
+                Log(f"{event.sender}: send message to {event.to}"),
+                Deliver(f"[Message from {event.sender}]: {event.text}", to=event.to),
+            ]
+        if isinstance(event, Joined):
+            self._members[name_key(event.name)] = event.name
+            line = f"{event.name} joined the chatroom"
+        else:
+            self._members.pop(name_key(event.name), None)
+            line = f"{event.name} left the chatroom"
+        return [Log(line), Deliver(line, skip=event.name)]
+
+
+class LoginThrottle:
+    """Wrong-passcode throttling per address, in bounded memory.
+
+    After `max_failures` wrong passcodes from one address within `window`
+    seconds, that address is refused until the oldest of them is `window` old.
+    At most `max_tracked` addresses are remembered (the oldest are forgotten).
+    """
+
+    def __init__(self, max_failures: int, window: float, max_tracked: int = 65536) -> None:
+        self.max_failures = max_failures
+        self.window = window
+        self.max_tracked = max_tracked
+        self._failures: dict[str, deque[float]] = {}
+
+    def blocked(self, addr: str, now: float) -> bool:
+        times = self._failures.get(addr)
+        if times is None:
+            return False
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if not times:
+            del self._failures[addr]
+            return False
+        return len(times) >= self.max_failures
+
+    def failed(self, addr: str, now: float) -> None:
+        times = self._failures.get(addr)
+        if times is None:
+            if len(self._failures) >= self.max_tracked:
+                del self._failures[next(iter(self._failures))]
+            times = self._failures[addr] = deque(maxlen=max(self.max_failures, 1))
+        times.append(now)
+
+    def succeeded(self, addr: str) -> None:
+        self._failures.pop(addr, None)
+
+    def forget_older_than(self, now: float) -> None:
+        for addr in [a for a, t in self._failures.items() if not t or t[-1] <= now - self.window]:
+            del self._failures[addr]
+
+
+def parse_login(line: str) -> tuple[str, str] | None:
+    """`LOGIN <passcode> <username>` -> (passcode, username), or None."""
+    parts = line.split(" ")
+    if len(parts) != 3 or parts[0].upper() != "LOGIN":
+        return None
+    return parts[1], parts[2]
+
+
+# ============================================================================
+# 2. The asyncio transport
+# ============================================================================
+
+LOOPBACK: Final = ("127.0.0.0/8", "::1/128")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every limit against hostile or broken clients (docs/SECURITY.md)."""
+
+    max_line: int = 2048  # bytes in one line, line end not counted
+    max_sendq: int = 1 << 20  # bytes queued for one client before it is dropped
+    login_timeout: float = 60.0  # seconds from connect to a finished login
+    max_clients: int = 20000  # connections in total
+    max_per_ip: int = 20  # connections from one address
+    login_failures: int = 5  # wrong passcodes from one address ...
+    failure_window: float = 60.0  # ... within this many seconds, then refused
+    exempt: tuple[str, ...] = LOOPBACK  # networks free of the per-address limits
+
+    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(n, strict=False) for n in self.exempt]
+
+
+class Connection(asyncio.Protocol):
+    """One client connection. It frames lines and hands them to the Hub."""
+
+    __slots__ = ("addr", "close_after_flush", "counted", "dead", "hub", "name", "reader",
+                 "timer", "transport")
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.transport: asyncio.Transport | None = None
+        self.addr = ""
+        self.name: str | None = None  # set while this connection is a member
+        self.reader = hub.new_reader()
+        self.timer: asyncio.TimerHandle | None = None
+        self.counted = False
+        self.dead = False
+        self.close_after_flush = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.addr = str(peer[0]) if peer else ""
+        self.hub.connected(self)
+
+    def data_received(self, data: bytes) -> None:
+        for item in self.reader.feed(data):
+            if self.dead or self.close_after_flush:
+                return
+            self.hub.received(self, item)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too: a half-closed client has left
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.hub.lost(self)
+
+    def pause_writing(self) -> None:
+        # The write buffer passed max_sendq: this client stopped reading.
+        # Drop it rather than hold its backlog; the room is told it left
+        # when connection_lost follows.
+        assert self.transport is not None
+        self.dead = True
+        self.transport.abort()
+
+    def write_now(self, line: str) -> None:
+        """Write one protocol line at once (outside the room's coalescing)."""
+        if self.transport is not None and not self.dead:
+            self.transport.write(line.encode() + b"\n")
+
+    def refuse(self, code: str, text: str) -> None:
+        """Say why in one line, then close; nothing more is read or written."""
+        self.write_now(f":error {code} {text}")
+        if self.transport is not None:
+            self.transport.close()
+        self.dead = True
+
+
+class Hub:
+    """The room on this server: connections, limits, and coalesced delivery.
+
+    Deliveries are queued for the current pass of the event loop and written
+    by flush(), scheduled once per pass. A broadcast goes into `_bcast`; what
+    sets one connection's stream apart from everyone's (its own messages
+    skipped, lines only for it, joining or leaving mid-pass) is an edit list.
+    Everyone else is sent the same joined bytes: one write per client per pass.
+    """
+
+    def __init__(self, room: Room, limits: Limits, out: BinaryIO, now: Any = time.time) -> None:
+        self.room = room
+        self.limits = limits
+        self.out = out
+        self.now = now
+        self.throttle = LoginThrottle(limits.login_failures, limits.failure_window)
+        self.members: dict[str, Connection] = {}
+        self.connections: set[Connection] = set()
+        self.per_ip: dict[str, int] = {}
+        self._exempt = limits.networks()
+        self._exempt_cache: dict[str, bool] = {}
+        self._loop = asyncio.get_running_loop()
+        self._scheduled = False
+        self._bcast: list[bytes] = []
+        self._edits: dict[Connection, list[tuple[int, bytes | None]]] = {}
+        self._ranges: dict[Connection, list[int]] = {}
+        self._printed: list[str] = []
+
+    def new_reader(self) -> LineReader:
+        return LineReader(self.limits.max_line)
+
+    # -- connection life ----------------------------------------------------
+
+    def exempt(self, addr: str) -> bool:
+        hit = self._exempt_cache.get(addr)
+        if hit is None:
+            try:
+                ip = ipaddress.ip_address(addr)
+                hit = any(ip in net for net in self._exempt)
+            except ValueError:
+                hit = False
+            if len(self._exempt_cache) < 4096:
+                self._exempt_cache[addr] = hit
+        return hit
+
+    def connected(self, conn: Connection) -> None:
+        limits = self.limits
+        if len(self.connections) >= limits.max_clients:
+            conn.refuse("full", "The server is full; try again later")
+            return
+        if not self.exempt(conn.addr) and self.per_ip.get(conn.addr, 0) >= limits.max_per_ip:
+            conn.refuse("full", "Too many connections from your address")
+            return
+        conn.counted = True
+        self.connections.add(conn)
+        self.per_ip[conn.addr] = self.per_ip.get(conn.addr, 0) + 1
+        assert conn.transport is not None
+        conn.transport.set_write_buffer_limits(high=limits.max_sendq)
+        conn.timer = self._loop.call_later(limits.login_timeout, self.login_timed_out, conn)
+        conn.write_now(f":hello chatroom {PROTOCOL_VERSION}")
+
+    def login_timed_out(self, conn: Connection) -> None:
+        if conn.name is None and not conn.dead:
+            conn.refuse("login-timeout", "The login was not finished in time")
+
+    def lost(self, conn: Connection) -> None:
+        conn.dead = True
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+        if conn.counted:
+            conn.counted = False
+            self.connections.discard(conn)
+            left = self.per_ip[conn.addr] - 1
+            if left:
+                self.per_ip[conn.addr] = left
+            else:
+                del self.per_ip[conn.addr]
+        self._edits.pop(conn, None)
+        self._ranges.pop(conn, None)
+        name = conn.name
+        if name is not None:
+            conn.name = None
+            del self.members[name]
+            self.route(self.room.leave(name))
+
+    # -- lines in -------------------------------------------------------------
+
+    def received(self, conn: Connection, item: Received) -> None:
+        name = conn.name
+        if name is not None:
+            if isinstance(item, str):
+                self.route(self.room.handle(name, parse_command(item), self.now()))
+            elif item is TOO_LONG:
+                limit = self.limits.max_line
+                self.route([Fail(name, "line-too-long",
+                                 f"Line too long: at most {limit} bytes; it was not sent")])
+            else:
+                conn.refuse("flood", "Too much data without a line end")
+        elif isinstance(item, str):
+            self.login(conn, item)
+        elif item is TOO_LONG:
+            conn.refuse("bad-login", "Expected: LOGIN <passcode> <username>")
+        else:
+            conn.refuse("flood", "Too much data without a line end")
+
+    def login(self, conn: Connection, line: str) -> None:
+        request = parse_login(line)
+        if request is None:
+            conn.refuse("bad-login", "Expected: LOGIN <passcode> <username>")
+            return
+        passcode, name = request
+        exempt = self.exempt(conn.addr)
+        now = self.now()
+        if not exempt and self.throttle.blocked(conn.addr, now):
+            conn.refuse("throttled", "Too many wrong passcodes; try again later")
+            return
+        refused = self.room.check_login(passcode, name)
+        if refused is not None:
+            if refused.code == "passcode" and not exempt:
+                self.throttle.failed(conn.addr, now)
+            conn.refuse(refused.code, refused.text)
+            return
+        self.throttle.succeeded(conn.addr)
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+        conn.write_now(f":ok {name}")
+        conn.name = name
+        self.members[name] = conn
+        self._ranges[conn] = [len(self._bcast), -1]
+        self._schedule()
+        self.route(self.room.join(name))
+
+    # -- lines out ------------------------------------------------------------
+
+    def route(self, outputs: Iterable[Output]) -> None:
+        """Queue `outputs` for this pass of the loop."""
+        for out in outputs:
+            if isinstance(out, Deliver):
+                data = out.line.encode() + b"\n"
+                if out.to is None:
+                    if out.skip is not None:
+                        skipped = self.members.get(out.skip)
+                        if skipped is not None:
+                            self._edit(skipped, len(self._bcast), None)
+                    self._bcast.append(data)
+                else:
+                    self._to(out.to, data)
+            elif isinstance(out, Log):
+                self._printed.append(out.line)
+            elif isinstance(out, Fail):
+                self._to(out.to, f":error {out.code} {out.text}\n".encode())
+            else:
+                conn = self.members.pop(out.to, None)
+                if conn is not None:
+                    conn.name = None
+                    self._ranges.setdefault(conn, [0, -1])[1] = len(self._bcast)
+                    self._edit(conn, len(self._bcast), b":bye\n")
+                    conn.close_after_flush = True
+        self._schedule()
+
+    def _to(self, name: str, data: bytes) -> None:
+        conn = self.members.get(name)
+        if conn is not None:
+            self._edit(conn, len(self._bcast), data)
+
+    def _edit(self, conn: Connection, pos: int, data: bytes | None) -> None:
+        edits = self._edits.get(conn)
+        if edits is None:
+            self._edits[conn] = [(pos, data)]
+        else:
+            edits.append((pos, data))
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write everything queued in this pass: one write per connection."""
+        self._scheduled = False
+        bcast, edits, ranges = self._bcast, self._edits, self._ranges
+        self._bcast, self._edits, self._ranges = [], {}, {}
+        if self._printed:
+            self.print_lines(self._printed)
+            self._printed = []
+        common = b"".join(bcast)
+        if not edits and not ranges:
+            if common:
+                for conn in self.members.values():
+                    if not conn.dead:
+                        conn.transport.write(common)  # type: ignore[union-attr]
+            return
+        if common:
+            for conn in self.members.values():
+                if not conn.dead and conn not in edits and conn not in ranges:
+                    conn.transport.write(common)  # type: ignore[union-attr]
+        offsets = list(itertools.accumulate(map(len, bcast), initial=0))
+        for conn in edits.keys() | ranges.keys():
+            if conn.dead:
+                continue
+            lo, hi = ranges.get(conn, (0, -1))
+            data = stream_view(common, offsets, edits.get(conn, ()), lo,
+                               len(bcast) if hi < 0 else hi)
+            if data:
+                conn.transport.write(data)  # type: ignore[union-attr]
+            if conn.close_after_flush:
+                conn.transport.close()  # type: ignore[union-attr]
+
+    def print_lines(self, lines: list[str]) -> None:
+        try:
+            self.out.write(("\n".join(lines) + "\n").encode("utf-8", "replace"))
+            self.out.flush()
+        except (BrokenPipeError, ValueError):
+            pass  # nobody reads our stdout any more; the room goes on
+
+    async def shutdown(self, grace: float = 2.0) -> None:
+        """Tell everyone the server is going, then close every connection."""
+        self.flush()
+        for conn in list(self.connections):
+            conn.refuse("shutdown", "The server is shutting down")
+        deadline = self._loop.time() + grace
+        while self.connections and self._loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+
+
+def stream_view(common: bytes, offsets: Sequence[int], edits: Iterable[tuple[int, bytes | None]],
+                lo: int, hi: int) -> bytes:
+    """One connection's bytes for a pass: broadcasts lo..hi of `common`, with
+    edits applied in order: (pos, None) skips broadcast pos, (pos, data)
+    puts data before broadcast pos."""
+    pieces: list[bytes] = []
+    cur = lo
+    for pos, data in edits:
+        stop = min(max(pos, lo), hi)
+        if stop > cur:
+            pieces.append(common[offsets[cur]:offsets[stop]])
+            cur = stop
+        if data is None:
+            if lo <= pos < hi and pos == cur:
+                cur = pos + 1
+        else:
+            pieces.append(data)
+    if hi > cur:
+        pieces.append(common[offsets[cur]:offsets[hi]])
+    return b"".join(pieces)
+
+
+# ============================================================================
+# 3. The command line
+# ============================================================================
+
+
+class UsageError(Exception):
+    """The person running the server asked for something impossible."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr and status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive(kind: type[int] | type[float]) -> Any:
+    def convert(text: str) -> int | float:
+        value = kind(text)
+        if value <= 0:
+            raise ValueError(text)
+        return value
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(text)
+    return value
+
+
+def build_parser() -> OneLineParser:
+    d = Limits()
+    p = OneLineParser(prog="server.py", description="Run the chat room.")
+    p.add_argument("-start", action="store_true", required=True, help="start the server")
+    p.add_argument("-port", type=port_number, required=True, help="TCP port (0: any free port)")
+    p.add_argument("-passcode", required=True, help="1 to 5 ASCII letters or digits")
+    p.add_argument("-host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("-max-line", type=positive(int), default=d.max_line, metavar="BYTES",
+                   help=f"longest line accepted (default {d.max_line})")
+    p.add_argument("-max-sendq", type=positive(int), default=d.max_sendq, metavar="BYTES",
+                   help=f"bytes queued for one client before it is dropped (default {d.max_sendq})")
+    p.add_argument("-login-timeout", type=positive(float), default=d.login_timeout,
+                   metavar="SECONDS", help=f"time to finish logging in (default {d.login_timeout:g})")
+    p.add_argument("-max-clients", type=positive(int), default=d.max_clients, metavar="N",
+                   help=f"connections in total (default {d.max_clients})")
+    p.add_argument("-max-per-ip", type=positive(int), default=d.max_per_ip, metavar="N",
+                   help=f"connections from one address (default {d.max_per_ip})")
+    p.add_argument("-login-failures", type=positive(int), default=d.login_failures, metavar="N",
+                   help=f"wrong passcodes from one address before it is refused "
+                        f"(default {d.login_failures})")
+    p.add_argument("-failure-window", type=positive(float), default=d.failure_window,
+                   metavar="SECONDS", help=f"... within this time (default {d.failure_window:g})")
+    p.add_argument("-exempt", default=",".join(d.exempt), metavar="NETS",
+                   help="comma-separated networks exempt from the per-address limits "
+                        "(default loopback; '' for none)")
+    p.add_argument("-tls-cert", metavar="FILE", help="serve TLS with this certificate chain")
+    p.add_argument("-tls-key", metavar="FILE", help="... and this private key")
+    return p
+
+
+def limits_from(args: argparse.Namespace) -> Limits:
+    exempt = tuple(n.strip() for n in args.exempt.split(",") if n.strip())
+    for net in exempt:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise UsageError(f"-exempt: {net!r} is not a network") from None
+    return Limits(max_line=args.max_line, max_sendq=args.max_sendq,
+                  login_timeout=args.login_timeout, max_clients=args.max_clients,
+                  max_per_ip=args.max_per_ip, login_failures=args.login_failures,
+                  failure_window=args.failure_window, exempt=exempt)
+
+
+def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise UsageError("-tls-cert and -tls-key go together")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load the TLS certificate or key: {exc}") from None
+    return ctx
+
+
+def raise_open_file_limit() -> int:
+    """Lift the soft limit on open files to the hard limit; return it."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return int(soft)
+
+
+def loop_error_handler(fd_limit: int) -> Any:
+    """Report the loop's errors as one line each, and running out of files once."""
+    warned = [0.0]
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            if loop.time() - warned[0] > 10:
+                warned[0] = loop.time()
+                sys.stderr.write(f"server.py: out of open files (limit {fd_limit}); "
+                                 "new connections wait\n")
+            return
+        sys.stderr.write(f"server.py: {context.get('message', 'error')}: {exc!r}\n")
+
+    return handle
+
+
+async def serve(args: argparse.Namespace, limits: Limits, tls: ssl.SSLContext | None) -> int:
+    loop = asyncio.get_running_loop()
+    fd_limit = raise_open_file_limit()
+    loop.set_exception_handler(loop_error_handler(fd_limit))
+    hub = Hub(Room(args.passcode), limits, sys.stdout.buffer)
+    try:
+        server = await loop.create_server(
+            lambda: Connection(hub), args.host, args.port, family=socket.AF_UNSPEC,
+            backlog=4096, ssl=tls, ssl_handshake_timeout=limits.login_timeout if tls else None)
+    except OSError as exc:
+        reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or exc
+        sys.stderr.write(f"server.py: cannot listen on {args.host} port {args.port}: {reason}\n")
+        return 1
+    port = server.sockets[0].getsockname()[1]
+    hub.print_lines([f"Server started on port {port}. Accepting connections"])
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    sweeper = loop.create_task(sweep_throttle(hub))
+    await stop.wait()
+    sweeper.cancel()
+    server.close()
+    await hub.shutdown()
+    return 0
+
+
+async def sweep_throttle(hub: Hub) -> None:
+    while True:
+        await asyncio.sleep(hub.limits.failure_window)
+        hub.throttle.forget_older_than(hub.now())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if not is_valid_passcode(args.passcode):
+            raise UsageError("the passcode must be 1 to 5 ASCII letters or digits")
+        limits = limits_from(args)
+        tls = tls_context(args.tls_cert, args.tls_key)
+    except UsageError as exc:
+        sys.stderr.write(f"server.py: error: {exc}\n")
+        return 2
+    try:
+        return asyncio.run(serve(args, limits, tls))
+    except KeyboardInterrupt:  # Ctrl-C before the loop could catch it
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
