@@ -40,7 +40,7 @@ import sys
 import time
 import unicodedata
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Final, Union
 
@@ -328,7 +328,56 @@ class Bye:
     to: str
 
 
-Output = Union[Deliver, Log, Fail, Bye]
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """The login holding `ticket` got in as `name`: answer `:ok`."""
+
+    ticket: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class TurnAway:
+    """The login holding `ticket` is refused (it lost a race for its name)."""
+
+    ticket: str
+    code: str
+    text: str
+
+
+Output = Union[Deliver, Log, Fail, Bye, Welcome, TurnAway]
+
+# --- Inputs: what the room is asked to do, in the order it happens ------------
+# Inputs are plain values so that something outside the core can put them in
+# one order: on one server they are applied as they come (Hub.apply); in a
+# cluster a shared log orders them for every server (chatroom_ext.cluster).
+
+
+@dataclass(frozen=True, slots=True)
+class Joining:
+    """`name` asks to join; `ticket` tells its server which connection it is."""
+
+    name: str
+    ticket: str
+
+
+@dataclass(frozen=True, slots=True)
+class Typed:
+    """Member `name` typed `text` at `now` (seconds since the epoch)."""
+
+    name: str
+    text: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Gone:
+    """Member `name` is gone without `:Exit` (connection lost, server down)."""
+
+    name: str
+
+
+Input = Union[Joining, Typed, Gone]
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,6 +416,20 @@ class Room:
         if name in self:
             return Refused("name-taken", f"The username {name} is already in the chatroom")
         return None
+
+    def step(self, inp: Input) -> list[Output]:
+        """Apply one input, whatever its origin; the same inputs in the same
+        order give the same room and the same outputs on every server."""
+        if isinstance(inp, Typed):
+            if inp.name not in self:
+                return []  # typed just before leaving; nobody to speak for
+            return self.handle(inp.name, parse_command(inp.text), inp.now)
+        if isinstance(inp, Joining):
+            if inp.name in self:
+                text = f"The username {inp.name} is already in the chatroom"
+                return [TurnAway(inp.ticket, "name-taken", text)]
+            return [Welcome(inp.ticket, inp.name), *self.join(inp.name)]
+        return self.leave(inp.name)
 
     def join(self, name: str) -> list[Output]:
         """`name` (already checked) enters the room."""
@@ -501,14 +564,16 @@ class Limits:
 class Connection(asyncio.Protocol):
     """One client connection. It frames lines and hands them to the Hub."""
 
-    __slots__ = ("addr", "close_after_flush", "counted", "dead", "hub", "name", "reader",
-                 "timer", "transport")
+    __slots__ = ("addr", "backlog", "close_after_flush", "counted", "dead", "hub", "name",
+                 "reader", "ticket", "timer", "transport")
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.transport: asyncio.Transport | None = None
         self.addr = ""
         self.name: str | None = None  # set while this connection is a member
+        self.ticket: str | None = None  # set while its login waits for the room
+        self.backlog: list[Received] | None = None  # lines that came meanwhile
         self.reader = hub.new_reader()
         self.timer: asyncio.TimerHandle | None = None
         self.counted = False
@@ -526,7 +591,10 @@ class Connection(asyncio.Protocol):
         for item in self.reader.feed(data):
             if self.dead or self.close_after_flush:
                 return
-            self.hub.received(self, item)
+            if self.backlog is not None:
+                self.backlog.append(item)
+            else:
+                self.hub.received(self, item)
 
     def eof_received(self) -> bool:
         return False  # close our side too: a half-closed client has left
@@ -558,6 +626,10 @@ class Connection(asyncio.Protocol):
 class Hub:
     """The room on this server: connections, limits, and coalesced delivery.
 
+    Inputs to the room go through `submit`: by default straight to apply();
+    a cluster replaces it with a shared log that calls apply() on every
+    server in the same order. Outputs only reach this server's connections.
+
     Deliveries are queued for the current pass of the event loop and written
     by flush(), scheduled once per pass. A broadcast goes into `_bcast`; what
     sets one connection's stream apart from everyone's (its own messages
@@ -565,15 +637,20 @@ class Hub:
     Everyone else is sent the same joined bytes: one write per client per pass.
     """
 
-    def __init__(self, room: Room, limits: Limits, out: BinaryIO, now: Any = time.time) -> None:
+    def __init__(self, room: Room, limits: Limits, out: BinaryIO, now: Any = time.time,
+                 node: str = "local") -> None:
         self.room = room
         self.limits = limits
         self.out = out
         self.now = now
+        self.node = node
+        self.submit: Callable[[Input], None] = self.apply
         self.throttle = LoginThrottle(limits.login_failures, limits.failure_window)
-        self.members: dict[str, Connection] = {}
+        self.members: dict[str, Connection] = {}  # this server's members, by name
+        self.waiting: dict[str, Connection] = {}  # logins waiting for the room, by ticket
         self.connections: set[Connection] = set()
         self.per_ip: dict[str, int] = {}
+        self._tickets = itertools.count(1)
         self._exempt = limits.networks()
         self._exempt_cache: dict[str, bool] = {}
         self._loop = asyncio.get_running_loop()
@@ -617,7 +694,7 @@ class Hub:
         conn.write_now(f":hello chatroom {PROTOCOL_VERSION}")
 
     def login_timed_out(self, conn: Connection) -> None:
-        if conn.name is None and not conn.dead:
+        if conn.name is None and conn.ticket is None and not conn.dead:
             conn.refuse("login-timeout", "The login was not finished in time")
 
     def lost(self, conn: Connection) -> None:
@@ -635,11 +712,13 @@ class Hub:
                 del self.per_ip[conn.addr]
         self._edits.pop(conn, None)
         self._ranges.pop(conn, None)
+        if conn.ticket is not None:  # its Welcome, if one comes, finds nobody
+            self.waiting.pop(conn.ticket, None)
         name = conn.name
         if name is not None:
             conn.name = None
             del self.members[name]
-            self.route(self.room.leave(name))
+            self.submit(Gone(name))
 
     # -- lines in -------------------------------------------------------------
 
@@ -647,7 +726,7 @@ class Hub:
         name = conn.name
         if name is not None:
             if isinstance(item, str):
-                self.route(self.room.handle(name, parse_command(item), self.now()))
+                self.submit(Typed(name, item, self.now()))
             elif item is TOO_LONG:
                 limit = self.limits.max_line
                 self.route([Fail(name, "line-too-long",
@@ -682,17 +761,19 @@ class Hub:
         if conn.timer is not None:
             conn.timer.cancel()
             conn.timer = None
-        conn.write_now(f":ok {name}")
-        conn.name = name
-        self.members[name] = conn
-        self._ranges[conn] = [len(self._bcast), -1]
-        self._schedule()
-        self.route(self.room.join(name))
+        ticket = conn.ticket = f"{self.node}/{next(self._tickets)}"
+        self.waiting[ticket] = conn
+        conn.backlog = []  # until the room answers; at once when it is local
+        self.submit(Joining(name, ticket))
+
+    def apply(self, inp: Input) -> None:
+        """Apply one input to the room, in the order the room sees them."""
+        self.route(self.room.step(inp))
 
     # -- lines out ------------------------------------------------------------
 
     def route(self, outputs: Iterable[Output]) -> None:
-        """Queue `outputs` for this pass of the loop."""
+        """Queue `outputs` for this server's connections in this pass."""
         for out in outputs:
             if isinstance(out, Deliver):
                 data = out.line.encode() + b"\n"
@@ -708,14 +789,37 @@ class Hub:
                 self._printed.append(out.line)
             elif isinstance(out, Fail):
                 self._to(out.to, f":error {out.code} {out.text}\n".encode())
-            else:
+            elif isinstance(out, Bye):
                 conn = self.members.pop(out.to, None)
                 if conn is not None:
                     conn.name = None
                     self._ranges.setdefault(conn, [0, -1])[1] = len(self._bcast)
                     self._edit(conn, len(self._bcast), b":bye\n")
                     conn.close_after_flush = True
+            elif isinstance(out, Welcome):
+                self._welcome(out.ticket, out.name)
+            else:
+                conn = self.waiting.pop(out.ticket, None)
+                if conn is not None:
+                    conn.refuse(out.code, out.text)
         self._schedule()
+
+    def _welcome(self, ticket: str, name: str) -> None:
+        conn = self.waiting.pop(ticket, None)
+        if conn is None or conn.dead:
+            if ticket.startswith(self.node + "/"):
+                self.submit(Gone(name))  # it left while its login waited
+            return
+        conn.ticket = None
+        conn.write_now(f":ok {name}")
+        conn.name = name
+        self.members[name] = conn
+        self._ranges[conn] = [len(self._bcast), -1]
+        backlog, conn.backlog = conn.backlog or [], None
+        for item in backlog:
+            if conn.dead or conn.close_after_flush:
+                break
+            self.received(conn, item)
 
     def _to(self, name: str, data: bytes) -> None:
         conn = self.members.get(name)
@@ -773,7 +877,14 @@ class Hub:
             pass  # nobody reads our stdout any more; the room goes on
 
     async def shutdown(self, grace: float = 2.0) -> None:
-        """Tell everyone the server is going, then close every connection."""
+        """Tell everyone the server is going, then close every connection.
+
+        In a cluster its members are reported gone first, so that the other
+        servers announce them at once."""
+        for name in list(self.members):
+            self.members.pop(name).name = None
+            if self.submit != self.apply:
+                self.submit(Gone(name))
         self.flush()
         for conn in list(self.connections):
             conn.refuse("shutdown", "The server is shutting down")

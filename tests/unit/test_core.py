@@ -18,6 +18,8 @@ from server import (
     Deliver,
     Exit,
     Fail,
+    Gone,
+    Joining,
     LineReader,
     Log,
     LoginThrottle,
@@ -26,7 +28,10 @@ from server import (
     Room,
     Say,
     Tell,
+    TurnAway,
+    Typed,
     Users,
+    Welcome,
     Whisper,
     is_valid_passcode,
     parse_command,
@@ -212,6 +217,42 @@ LOGIN_CHECKS = [
 @pytest.mark.parametrize(("passcode", "name", "refused"), LOGIN_CHECKS)
 def test_check_login(passcode: str, name: str, refused: Refused | None) -> None:
     assert room_with("alice").check_login(passcode, name) == refused
+
+
+# --- Room.step: inputs in the order a server (or a cluster's log) applies them ---
+
+STEPS = [
+    # (inputs, outputs of the last input, members after)
+    ([Joining("alice", "n1/1")],
+     [Welcome("n1/1", "alice"), Log("alice joined the chatroom"),
+      Deliver("alice joined the chatroom", skip="alice")], ["alice"]),
+    # two servers race for one name: the first in the log wins, the other is turned away
+    ([Joining("alice", "n1/1"), Joining("Alice", "n2/7")],
+     [TurnAway("n2/7", "name-taken", "The username Alice is already in the chatroom")],
+     ["alice"]),
+    ([Joining("alice", "n1/1"), Typed("alice", ":)", NOW)],
+     [Log("alice: [feeling happy]"), Deliver("alice: [feeling happy]", skip="alice")],
+     ["alice"]),
+    # a line that arrives after its sender left is dropped
+    ([Joining("alice", "n1/1"), Gone("alice"), Typed("alice", "late", NOW)], [], []),
+    ([Joining("alice", "n1/1"), Joining("bob", "n2/1"), Gone("alice")],
+     [Log("alice left the chatroom"), Deliver("alice left the chatroom", skip="alice")],
+     ["bob"]),
+    ([Joining("alice", "n1/1"), Gone("alice"), Gone("alice")], [], []),
+    ([Joining("alice", "n1/1"), Typed("alice", ":Exit", NOW), Joining("alice", "n2/1")],
+     [Welcome("n2/1", "alice"), Log("alice joined the chatroom"),
+      Deliver("alice joined the chatroom", skip="alice")], ["alice"]),
+]
+
+
+@pytest.mark.parametrize(("inputs", "last", "members"), STEPS)
+def test_room_step(inputs: list[server.Input], last: list[server.Output],
+                   members: list[str]) -> None:
+    room = Room("abc12")
+    for inp in inputs[:-1]:
+        room.step(inp)
+    assert room.step(inputs[-1]) == last
+    assert room.names == members
 
 
 # --- Login throttle -------------------------------------------------------------
