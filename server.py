@@ -944,7 +944,7 @@ def positive(kind: type[int] | type[float]) -> Any:
     return convert
 
 
-def port_number(text: str) -> int:
+def port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
         raise ValueError(text)
@@ -955,7 +955,7 @@ def build_parser() -> OneLineParser:
     d = Limits()
     p = OneLineParser(prog="server.py", description="Run the chat room.")
     p.add_argument("-start", action="store_true", required=True, help="start the server")
-    p.add_argument("-port", type=port_number, required=True, help="TCP port (0: any free port)")
+    p.add_argument("-port", type=port, required=True, help="TCP port (0: any free port)")
     p.add_argument("-passcode", required=True, help="1 to 5 ASCII letters or digits")
     p.add_argument("-host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("-max-line", type=positive(int), default=d.max_line, metavar="BYTES",
@@ -978,6 +978,11 @@ def build_parser() -> OneLineParser:
                         "(default loopback; '' for none)")
     p.add_argument("-tls-cert", metavar="FILE", help="serve TLS with this certificate chain")
     p.add_argument("-tls-key", metavar="FILE", help="... and this private key")
+    p.add_argument("-redis", metavar="URL",
+                   help="join the cluster at this Redis URL, e.g. redis://127.0.0.1:6379/0 "
+                        "(needs chatroom_ext and the redis package)")
+    p.add_argument("-uvloop", action="store_true",
+                   help="run on uvloop (needs chatroom_ext and the uvloop package)")
     return p
 
 
@@ -1006,6 +1011,17 @@ def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as exc:
         raise UsageError(f"cannot load the TLS certificate or key: {exc}") from None
     return ctx
+
+
+def optional(module: str, needs: str) -> Any:
+    """Import an optional capability from chatroom_ext, or say in one line
+    what to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise UsageError(f"{needs} (could not import {exc.name})") from None
 
 
 def raise_open_file_limit() -> int:
@@ -1041,11 +1057,13 @@ def loop_error_handler(fd_limit: int) -> Any:
     return handle
 
 
-async def serve(args: argparse.Namespace, limits: Limits, tls: ssl.SSLContext | None) -> int:
+async def serve(args: argparse.Namespace, limits: Limits, tls: ssl.SSLContext | None,
+                cluster_module: Any = None) -> int:
     loop = asyncio.get_running_loop()
     fd_limit = raise_open_file_limit()
     loop.set_exception_handler(loop_error_handler(fd_limit))
     hub = Hub(Room(args.passcode), limits, sys.stdout.buffer)
+    cluster = await cluster_module.attach(hub, args.redis) if cluster_module else None
     try:
         server = await loop.create_server(
             lambda: Connection(hub), args.host, args.port, family=socket.AF_UNSPEC,
@@ -1064,6 +1082,8 @@ async def serve(args: argparse.Namespace, limits: Limits, tls: ssl.SSLContext | 
     sweeper.cancel()
     server.close()
     await hub.shutdown()
+    if cluster is not None:
+        await cluster.close()
     return 0
 
 
@@ -1080,11 +1100,19 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("the passcode must be 1 to 5 ASCII letters or digits")
         limits = limits_from(args)
         tls = tls_context(args.tls_cert, args.tls_key)
+        cluster = None
+        if args.redis:
+            cluster = optional("chatroom_ext.cluster", "-redis needs the chatroom_ext package "
+                               "beside server.py and redis-py: pip install 'redis>=5'")
+        run: Any = asyncio.run
+        if args.uvloop:
+            run = optional("chatroom_ext.fastloop", "-uvloop needs the chatroom_ext package "
+                           "beside server.py and uvloop: pip install uvloop").run
     except UsageError as exc:
         sys.stderr.write(f"server.py: error: {exc}\n")
         return 2
     try:
-        return asyncio.run(serve(args, limits, tls))
+        return int(run(serve(args, limits, tls, cluster)))
     except KeyboardInterrupt:  # Ctrl-C before the loop could catch it
         return 0
 
