@@ -41,8 +41,8 @@ import time
 import unicodedata
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Final, Union
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Final
 
 # ============================================================================
 # 1. The pure core
@@ -115,7 +115,7 @@ class Flood:
 
 TOO_LONG: Final = TooLong()
 FLOOD: Final = Flood()
-Received = Union[str, TooLong, Flood]
+Received = str | TooLong | Flood
 
 
 class LineReader:
@@ -229,7 +229,7 @@ class Malformed:
     usage: str
 
 
-Command = Union[Say, Tell, Users, Whisper, Exit, Blank, Malformed]
+Command = Say | Tell | Users | Whisper | Exit | Blank | Malformed
 
 COMMANDS: Final[dict[str, Command]] = {
     ":)": Say("[feeling happy]"),
@@ -293,7 +293,7 @@ class Whispered:
     text: str
 
 
-Event = Union[Joined, Left, Said, Whispered]
+Event = Joined | Left | Said | Whispered
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,7 +345,7 @@ class TurnAway:
     text: str
 
 
-Output = Union[Deliver, Log, Fail, Bye, Welcome, TurnAway]
+Output = Deliver | Log | Fail | Bye | Welcome | TurnAway
 
 # --- Inputs: what the room is asked to do, in the order it happens ------------
 # Inputs are plain values so that something outside the core can put them in
@@ -377,7 +377,7 @@ class Gone:
     name: str
 
 
-Input = Union[Joining, Typed, Gone]
+Input = Joining | Typed | Gone
 
 
 @dataclass(frozen=True, slots=True)
@@ -461,7 +461,8 @@ class Room:
         if isinstance(command, Whisper):
             to = self._members.get(name_key(command.to))
             if to is None:
-                return [], [Fail(name, "no-such-user", f"No user named {command.to} is in the chatroom")]
+                text = f"No user named {command.to} is in the chatroom"
+                return [], [Fail(name, "no-such-user", text)]
             return [Whispered(name, to, command.text)], []
         if isinstance(command, Exit):
             return [Left(name)], [Bye(name)]
@@ -963,7 +964,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("-max-sendq", type=positive(int), default=d.max_sendq, metavar="BYTES",
                    help=f"bytes queued for one client before it is dropped (default {d.max_sendq})")
     p.add_argument("-login-timeout", type=positive(float), default=d.login_timeout,
-                   metavar="SECONDS", help=f"time to finish logging in (default {d.login_timeout:g})")
+                   metavar="SECONDS",
+                   help=f"time to finish logging in (default {d.login_timeout:g})")
     p.add_argument("-max-clients", type=positive(int), default=d.max_clients, metavar="N",
                    help=f"connections in total (default {d.max_clients})")
     p.add_argument("-max-per-ip", type=positive(int), default=d.max_per_ip, metavar="N",
