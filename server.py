@@ -255,7 +255,7 @@ def parse_command(line: str) -> Command:
         to, _, text = line[5:].partition(" ")
         if not to or not text.strip():
             return Malformed(MSG_USAGE)
-        return Whisper(to, neutralise(text))
+        return Whisper(neutralise(to), neutralise(text))
     if not line.strip():
         return Blank()
     if line[:2] in ("\\:", "\\\\"):
