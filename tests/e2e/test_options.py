@@ -180,3 +180,38 @@ def test_tls_client_refuses_an_untrusted_certificate(room: Room, tls_files: dict
     tls_server(room, tls_files)
     client = room.spawn_client(*room.client_args("alice"), "-tls", name="alice")
     expect_one_error_line(client, status=1)
+
+
+def test_uvloop_runs_the_same_room(room: Room, python: str) -> None:
+    """-uvloop (optional extra) changes the event loop, not one byte of the room."""
+    import sys
+
+    if python != sys.executable:
+        pytest.skip("uvloop is installed for the test runner's Python only")
+    pytest.importorskip("uvloop")
+    room.start_server("-uvloop")
+    alice = room.join("alice")
+    bob = room.join("bob")
+    room.say(alice, "over uvloop")
+    room.say(bob, ":)", shown="[feeling happy]")
+    room.assert_quiet(alice)
+    room.leave(bob)
+
+
+def test_uvloop_missing_is_one_line(room: Room, tmp_path: Path) -> None:
+    """Without the package (-S: no site-packages), -uvloop names what to install,
+    in one line, status 2."""
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "server.py").write_bytes((Path(__file__).parents[2] / "server.py").read_bytes())
+    import subprocess
+
+    done = subprocess.run(
+        [room.python, "-I", "-S", "server.py", "-start", "-port", "0", "-passcode", "abc",
+         "-uvloop"],
+        cwd=alone, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert "pip install uvloop" in line
