@@ -36,6 +36,7 @@ import re
 import signal
 import socket
 import ssl
+import struct
 import sys
 import time
 import unicodedata
@@ -67,12 +68,13 @@ def username_problem(name: str) -> str | None:
 
     SPEC.md: 1 to 8 characters; no whitespace, no ':', no control characters.
     Invisible format characters (zero-width spaces, bidi overrides) count as
-    control characters here, so that no two names can look the same.
+    control characters here, so that no two names can look the same; so does
+    U+FFFD, which is what bytes that were not UTF-8 became.
     """
     if not 1 <= len(name) <= MAX_USERNAME:
         return "a username has 1 to 8 characters"
     for ch in name:
-        if ch == ":" or ch.isspace() or unicodedata.category(ch)[0] in "CZ":
+        if ch in ":\ufffd" or ch.isspace() or unicodedata.category(ch)[0] in "CZ":
             return "a username may not contain whitespace, ':' or control characters"
     return None
 
@@ -530,6 +532,22 @@ class LoginThrottle:
             del self._failures[addr]
 
 
+def address_key(addr: str) -> str:
+    """What the per-address limits and the throttle count: an IPv4 address, or
+    an IPv6 /64 (one site's usual share), so that a host cannot dodge them by
+    hopping between the addresses it was given."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return addr
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        if not ip.is_loopback:
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
 def parse_login(line: str) -> tuple[str, str] | None:
     """`LOGIN <passcode> <username>` -> (passcode, username), or None."""
     parts = line.split(" ")
@@ -550,7 +568,7 @@ class Limits:
     """Every limit against hostile or broken clients (docs/SECURITY.md)."""
 
     max_line: int = 2048  # bytes in one line, line end not counted
-    max_sendq: int = 1 << 20  # bytes queued for one client before it is dropped
+    max_sendq: int = 128 << 10  # bytes queued for one client before it is dropped
     login_timeout: float = 60.0  # seconds from connect to a finished login
     max_clients: int = 20000  # connections in total
     max_per_ip: int = 20  # connections from one address
@@ -585,7 +603,7 @@ class Connection(asyncio.Protocol):
         # A stream transport (uvloop's do not subclass asyncio.Transport).
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
-        self.addr = str(peer[0]) if peer else ""
+        self.addr = address_key(str(peer[0])) if peer else ""
         self.hub.connected(self)
 
     def data_received(self, data: bytes) -> None:
@@ -609,6 +627,12 @@ class Connection(asyncio.Protocol):
         # when connection_lost follows.
         assert self.transport is not None
         self.dead = True
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:  # reset, so the kernel frees what it still holds for it
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
         self.transport.abort()
 
     def write_now(self, line: str) -> None:
@@ -667,11 +691,13 @@ class Hub:
     # -- connection life ----------------------------------------------------
 
     def exempt(self, addr: str) -> bool:
+        """Is `addr` (an address_key) inside a network exempt from the limits?"""
         hit = self._exempt_cache.get(addr)
         if hit is None:
             try:
-                ip = ipaddress.ip_address(addr)
-                hit = any(ip in net for net in self._exempt)
+                net = ipaddress.ip_network(addr, strict=False)
+                hit = any(net.version == ex.version and net.subnet_of(ex)  # type: ignore[arg-type]
+                          for ex in self._exempt)
             except ValueError:
                 hit = False
             if len(self._exempt_cache) < 4096:
@@ -1008,10 +1034,17 @@ def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
         raise UsageError("-tls-cert and -tls-key go together")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    for path, what in ((cert, "-tls-cert"), (key, "-tls-key")):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise UsageError(f"{what} {path}: {exc.strerror or exc}") from None
     try:
         ctx.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"cannot load the TLS certificate or key: {exc}") from None
+    except ssl.SSLError as exc:
+        raise UsageError(f"-tls-cert {cert} / -tls-key {key}: not a PEM certificate chain and "
+                         f"its matching private key ({exc.reason or exc})") from None
     return ctx
 
 

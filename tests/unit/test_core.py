@@ -127,7 +127,8 @@ def test_passcode_rule(passcode: str, ok: bool) -> None:
     ("name", "ok"),
     [("a", True), ("alice", True), ("12345678", True), ("josé", True), ("", False),
      ("123456789", False), ("a b", False), ("a\tb", False), ("a:b", False),
-     ("a\x1bb", False), ("a\u200bb", False), ("a\u202eb", False), ("a\x85b", False)],
+     ("a\x1bb", False), ("a\u200bb", False), ("a\u202eb", False), ("a\x85b", False),
+     ("a\ufffdb", False)],
 )
 def test_username_rule(name: str, ok: bool) -> None:
     assert (username_problem(name) is None) is ok
@@ -254,6 +255,16 @@ def test_room_step(inputs: list[server.Input], last: list[server.Output],
         room.step(inp)
     assert room.step(inputs[-1]) == last
     assert room.names == members
+
+
+@pytest.mark.parametrize(
+    ("addr", "key"),
+    [("127.0.0.1", "127.0.0.1"), ("::1", "::1"), ("::ffff:10.1.2.3", "10.1.2.3"),
+     ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"), ("2001:db8:1:2:bbbb::9", "2001:db8:1:2::/64"),
+     ("not an address", "not an address")],
+)
+def test_address_key_groups_ipv6_by_64(addr: str, key: str) -> None:
+    assert server.address_key(addr) == key
 
 
 # --- Login throttle -------------------------------------------------------------
