@@ -721,7 +721,10 @@ class Hub:
         conn.write_now(f":hello chatroom {PROTOCOL_VERSION}")
 
     def login_timed_out(self, conn: Connection) -> None:
-        if conn.name is None and conn.ticket is None and not conn.dead:
+        conn.timer = None
+        if conn.name is None and not conn.dead:  # also when the room never answered
+            if conn.ticket is not None:
+                self.waiting.pop(conn.ticket, None)
             conn.refuse("login-timeout", "The login was not finished in time")
 
     def lost(self, conn: Connection) -> None:
@@ -785,9 +788,6 @@ class Hub:
             conn.refuse(refused.code, refused.text)
             return
         self.throttle.succeeded(conn.addr)
-        if conn.timer is not None:
-            conn.timer.cancel()
-            conn.timer = None
         ticket = conn.ticket = f"{self.node}/{next(self._tickets)}"
         self.waiting[ticket] = conn
         conn.backlog = []  # until the room answers; at once when it is local
@@ -838,6 +838,9 @@ class Hub:
                 self.submit(Gone(name))  # it left while its login waited
             return
         conn.ticket = None
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
         conn.write_now(f":ok {name}")
         conn.name = name
         self.members[name] = conn
@@ -1107,11 +1110,11 @@ async def serve(args: argparse.Namespace, limits: Limits, tls: ssl.SSLContext | 
         reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or exc
         sys.stderr.write(f"server.py: cannot listen on {args.host} port {args.port}: {reason}\n")
         return 1
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the start line: from then on
+        loop.add_signal_handler(sig, stop.set)  # a signal means a clean shutdown
     port = server.sockets[0].getsockname()[1]
     hub.print_lines([f"Server started on port {port}. Accepting connections"])
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     sweeper = loop.create_task(sweep_throttle(hub))
     await stop.wait()
     sweeper.cancel()

@@ -7,7 +7,7 @@ on either loop. Install it with `pip install uvloop` (or `pip install .[uvloop]`
 from __future__ import annotations
 
 from collections.abc import Coroutine
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import uvloop
 
@@ -16,4 +16,4 @@ T = TypeVar("T")
 
 def run(main: Coroutine[Any, Any, T]) -> T:
     """Like asyncio.run, on a uvloop event loop."""
-    return cast(T, uvloop.run(main))
+    return uvloop.run(main)
