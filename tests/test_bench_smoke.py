@@ -1,0 +1,56 @@
+"""The bench runs end to end on a tiny size against our server (no ngircd, no
+apt-get) and writes its JSON. It asserts no timings: the machine is shared."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_bench_quick_runs_and_writes_json(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--servers", "ours",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=170, stdin=subprocess.DEVNULL, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+
+    latest = tmp_path / "latest.json"
+    assert latest.is_file()
+    stamped = [p for p in tmp_path.glob("*.json") if p.name != "latest.json"]
+    assert len(stamped) == 1
+    data = json.loads(latest.read_text())
+    assert set(data) >= {"meta", "runs", "joins", "comparison", "targets"}
+    assert data["meta"]["quick"] is True and data["meta"]["servers"] == ["ours"]
+
+    runs = data["runs"]
+    assert {(r["mode"], r["senders"]) for r in runs} == {
+        ("closed", 1), ("closed", 2), ("paced", 1), ("paced", 2)}
+    for r in runs:
+        assert r["server"] == "ours" and "error" not in r, r
+        for key in ("lines_per_s", "p50_us", "p99_us", "connect_join_s", "server_rss_kib",
+                    "server_cpu_s", "gen_cpu_pct", "sent", "delivered"):
+            assert key in r and r[key] is not None, (key, r)
+        # Every receiver got every line, in each sender's order.
+        assert r["sent"] > 0
+        assert r["delivered"] == r["sent"] * r["receivers"], r
+        assert r["lost"] == r["duplicated"] == r["out_of_order"] == 0, r
+
+    (join,) = data["joins"]
+    assert join["server"] == "ours" and "error" not in join, join
+    assert join["all_joins_delivered"] is True
+    assert join["join_lines_received"] == join["join_lines_expected"]
+    assert join["bytes_per_client"] is not None
+
+    targets = data["targets"]
+    assert targets["ours_no_loss_no_reorder"] is True
+    assert targets["many_clients_all_joins_delivered"] is True
+    assert targets["throughput_2x_at_max_n"] is None  # no ngircd in this run
