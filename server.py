@@ -86,6 +86,8 @@ def name_key(name: str) -> str:
 
 def neutralise(text: str) -> str:
     """Replace every control character with U+FFFD, so no terminal obeys it."""
+    if text.isascii() and text.isprintable():
+        return text  # the usual case, and nothing to replace
     return text.translate(_NEUTRALISE)
 
 
@@ -186,7 +188,7 @@ class LineReader:
 # --- Lines to commands -------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per message, and frozen costs
 class Say:
     """Text for the others (`alice: <text>`); `echo`: the sender sees it too."""
 
@@ -281,7 +283,7 @@ class Left:
     name: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per message, and frozen costs
 class Said:
     name: str
     text: str
@@ -298,7 +300,7 @@ class Whispered:
 Event = Joined | Left | Said | Whispered
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per message, and frozen costs
 class Deliver:
     """Send `line` to member `to`, or (to=None) to every member but `skip`."""
 
@@ -307,7 +309,7 @@ class Deliver:
     skip: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per message, and frozen costs
 class Log:
     """The server prints `line`."""
 
@@ -363,7 +365,7 @@ class Joining:
     ticket: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per message, and frozen costs
 class Typed:
     """Member `name` typed `text` at `now` (seconds since the epoch)."""
 
@@ -873,15 +875,13 @@ class Hub:
         self._scheduled = False
         bcast, edits, ranges = self._bcast, self._edits, self._ranges
         self._bcast, self._edits, self._ranges = [], {}, {}
-        if self._printed:
-            self.print_lines(self._printed)
-            self._printed = []
         common = b"".join(bcast)
         if not edits and not ranges:
             if common:
                 for conn in self.members.values():
                     if not conn.dead:
                         conn.transport.write(common)  # type: ignore[union-attr]
+            self._print_pending()
             return
         if common:
             for conn in self.members.values():
@@ -898,6 +898,13 @@ class Hub:
                 conn.transport.write(data)  # type: ignore[union-attr]
             if conn.close_after_flush:
                 conn.transport.close()  # type: ignore[union-attr]
+        self._print_pending()
+
+    def _print_pending(self) -> None:
+        """The server's own lines for this pass, after the clients' (stdout may be slow)."""
+        if self._printed:
+            self.print_lines(self._printed)
+            self._printed = []
 
     def print_lines(self, lines: list[str]) -> None:
         try:
