@@ -563,6 +563,10 @@ def parse_login(line: str) -> tuple[str, str] | None:
 # ============================================================================
 
 LOOPBACK: Final = ("127.0.0.0/8", "::1/128")
+# Up to this many members, what a client's data caused is written at once;
+# above it, writes wait for the end of the loop's pass, so that everything
+# due to one client in that pass goes out in one write (docs/PERFORMANCE.md).
+SMALL_ROOM: Final = 64
 
 
 @dataclass(frozen=True)
@@ -609,13 +613,16 @@ class Connection(asyncio.Protocol):
         self.hub.connected(self)
 
     def data_received(self, data: bytes) -> None:
+        hub = self.hub
         for item in self.reader.feed(data):
             if self.dead or self.close_after_flush:
-                return
+                break
             if self.backlog is not None:
                 self.backlog.append(item)
             else:
-                self.hub.received(self, item)
+                hub.received(self, item)
+        if hub.pending and len(hub.members) <= SMALL_ROOM:
+            hub.flush()  # a small room: answer now, not one loop pass later
 
     def eof_received(self) -> bool:
         return False  # close our side too: a half-closed client has left
@@ -864,6 +871,11 @@ class Hub:
             self._edits[conn] = [(pos, data)]
         else:
             edits.append((pos, data))
+
+    @property
+    def pending(self) -> bool:
+        """Is anything queued for this pass that flush() has not written?"""
+        return self._scheduled
 
     def _schedule(self) -> None:
         if not self._scheduled:
