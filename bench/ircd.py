@@ -35,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 OPER_NAME, OPER_PASS = "bench", "benchpw"  # bench/loadgen.py uses the same
 
@@ -139,50 +140,41 @@ def wait_accepting(port: int, proc: subprocess.Popen[bytes], timeout: float) -> 
     raise RuntimeError(f"server not accepting on port {port} after {timeout:.0f} s")
 
 
-class Ngircd:
-    """One ngircd in the foreground on a free loopback port; use as a context manager."""
+class ServerProcess:
+    """A server the bench starts and stops itself: its process, its scratch
+    folder and the files it writes there; use as a context manager."""
 
-    kind = "irc"
+    kind = ""
 
-    def __init__(self, exe: str | None = None, cpus: set[int] | None = None) -> None:
-        self.exe = exe or ensure_ngircd()
+    def __init__(self, cpus: set[int] | None = None) -> None:
         self.cpus = cpus
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.dir: tempfile.TemporaryDirectory[str] | None = None
+        self.files: list[IO[bytes]] = []  # closed by stop()
 
     @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self) -> Ngircd:
-        self.dir = scratch_dir("bench-ngircd-")
-        folder = Path(self.dir.name)
-        os.chmod(folder, 0o755)  # ngircd may drop root for 'nobody'; it must still read it
-        self.port = free_port()
-        conf = folder / "ngircd.conf"
-        conf.write_text(CONFIG.format(port=self.port, oper=OPER_NAME, oper_pass=OPER_PASS))
-        os.chmod(conf, 0o644)
-        self.log = open(folder / "ngircd.log", "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen([self.exe, "-n", "-f", str(conf)], stdin=subprocess.DEVNULL,
-                                     stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=pin(self.cpus))
-        try:
-            wait_accepting(self.port, self.proc, 15)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+    def start(self) -> ServerProcess:
+        raise NotImplementedError
 
-    def log_tail(self, lines: int = 20) -> str:
+    def open_file(self, name: str) -> IO[bytes]:
+        assert self.dir is not None
+        handle = open(Path(self.dir.name) / name, "wb")  # noqa: SIM115 (closed in stop)
+        self.files.append(handle)
+        return handle
+
+    def file_tail(self, name: str, lines: int, sep: str = "\n") -> str:
         if self.dir is None:
             return ""
         try:
-            text = (Path(self.dir.name) / "ngircd.log").read_text(errors="replace")
+            text = (Path(self.dir.name) / name).read_text(errors="replace")
         except OSError:
             return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return sep.join(text.strip().splitlines()[-lines:])
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -193,18 +185,50 @@ class Ngircd:
                 self.proc.kill()
                 self.proc.wait(10)
         self.proc = None
-        if getattr(self, "log", None) is not None:
-            self.log.close()
-            self.log = None
+        for handle in self.files:
+            handle.close()
+        self.files = []
         if self.dir is not None:
             self.dir.cleanup()
             self.dir = None
 
-    def __enter__(self) -> Ngircd:
+    def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class Ngircd(ServerProcess):
+    """One ngircd in the foreground on a free loopback port."""
+
+    kind = "irc"
+
+    def __init__(self, exe: str | None = None, cpus: set[int] | None = None) -> None:
+        super().__init__(cpus)
+        self.exe = exe or ensure_ngircd()
+
+    def start(self) -> Ngircd:
+        self.dir = scratch_dir("bench-ngircd-")
+        folder = Path(self.dir.name)
+        os.chmod(folder, 0o755)  # ngircd may drop root for 'nobody'; it must still read it
+        self.port = free_port()
+        conf = folder / "ngircd.conf"
+        conf.write_text(CONFIG.format(port=self.port, oper=OPER_NAME, oper_pass=OPER_PASS))
+        os.chmod(conf, 0o644)
+        log = self.open_file("ngircd.log")
+        self.proc = subprocess.Popen([self.exe, "-n", "-f", str(conf)], stdin=subprocess.DEVNULL,
+                                     stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, preexec_fn=pin(self.cpus))
+        try:
+            wait_accepting(self.port, self.proc, 15)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def log_tail(self, lines: int = 20) -> str:
+        return self.file_tail("ngircd.log", lines)
 
 
 def main() -> int:

@@ -27,10 +27,8 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -45,41 +43,26 @@ import loadgen  # noqa: E402
 PASSCODE = "bench"
 
 
-class OurServer:
+class OurServer(ircd.ServerProcess):
     """server.py on a port the OS chooses, its stdout (every room line) to a file."""
+
+    kind = "ours"
 
     def __init__(self, python: str = sys.executable, uvloop: bool = False,
                  cpus: set[int] | None = None, script: Path | None = None) -> None:
-        self.python, self.uvloop, self.cpus = python, uvloop, cpus
+        super().__init__(cpus)
+        self.python, self.uvloop = python, uvloop
         self.script = script or ROOT / "server.py"
-        self.kind = "ours"
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.dir: tempfile.TemporaryDirectory[str] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
 
     def start(self) -> OurServer:
         self.dir = ircd.scratch_dir("bench-ours-")
         folder = Path(self.dir.name)
-        args = ["-start", "-port", "0", "-passcode", PASSCODE]
-        if self.uvloop and b"-uvloop" in self.script.read_bytes():
-            cmd = [self.python, str(self.script), *args, "-uvloop"]
-        elif self.uvloop:
-            # a server.py without the -uvloop switch: install uvloop's event
-            # loop policy, then run server.py as __main__, unchanged.
-            boot = ("import runpy, sys, uvloop; uvloop.install(); "
-                    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
-            cmd = [self.python, "-c", boot, str(self.script), *args]
-        else:
-            cmd = [self.python, str(self.script), *args]
-        self.out = open(folder / "stdout", "wb")  # noqa: SIM115 (closed in stop)
-        self.err = open(folder / "stderr", "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.out,
-                                     stderr=self.err, start_new_session=True, cwd=folder,
+        cmd = [self.python, str(self.script), "-start", "-port", "0", "-passcode", PASSCODE]
+        if self.uvloop:
+            cmd.append("-uvloop")
+        out, err = self.open_file("stdout"), self.open_file("stderr")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
+                                     stderr=err, start_new_session=True, cwd=folder,
                                      preexec_fn=ircd.pin(self.cpus))
         try:
             deadline = time.monotonic() + 15
@@ -102,37 +85,7 @@ class OurServer:
             raise
 
     def stderr_tail(self) -> str:
-        if self.dir is None:
-            return ""
-        try:
-            text = (Path(self.dir.name) / "stderr").read_text(errors="replace")
-        except OSError:
-            return ""
-        return " | ".join(text.strip().splitlines()[-5:])
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-        for f in ("out", "err"):
-            h = getattr(self, f, None)
-            if h is not None:
-                h.close()
-                setattr(self, f, None)
-        if self.dir is not None:
-            self.dir.cleanup()
-            self.dir = None
-
-    def __enter__(self) -> OurServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return self.file_tail("stderr", 5, sep=" | ")
 
 
 @dataclasses.dataclass
