@@ -589,7 +589,7 @@ class Limits:
 class Connection(asyncio.Protocol):
     """One client connection. It frames lines and hands them to the Hub."""
 
-    __slots__ = ("addr", "backlog", "close_after_flush", "counted", "dead", "hub", "name",
+    __slots__ = ("addr", "backlog", "close_after_flush", "dead", "hub", "name",
                  "reader", "ticket", "timer", "transport")
 
     def __init__(self, hub: Hub) -> None:
@@ -601,7 +601,6 @@ class Connection(asyncio.Protocol):
         self.backlog: list[Received] | None = None  # lines that came meanwhile
         self.reader = hub.new_reader()
         self.timer: asyncio.TimerHandle | None = None
-        self.counted = False
         self.dead = False
         self.close_after_flush = False
 
@@ -721,8 +720,7 @@ class Hub:
         if not self.exempt(conn.addr) and self.per_ip.get(conn.addr, 0) >= limits.max_per_ip:
             conn.refuse("full", "Too many connections from your address")
             return
-        conn.counted = True
-        self.connections.add(conn)
+        self.connections.add(conn)  # counted against the limits until lost
         self.per_ip[conn.addr] = self.per_ip.get(conn.addr, 0) + 1
         assert conn.transport is not None
         conn.transport.set_write_buffer_limits(high=limits.max_sendq)
@@ -741,9 +739,8 @@ class Hub:
         if conn.timer is not None:
             conn.timer.cancel()
             conn.timer = None
-        if conn.counted:
-            conn.counted = False
-            self.connections.discard(conn)
+        if conn in self.connections:
+            self.connections.remove(conn)
             left = self.per_ip[conn.addr] - 1
             if left:
                 self.per_ip[conn.addr] = left
@@ -888,28 +885,26 @@ class Hub:
         bcast, edits, ranges = self._bcast, self._edits, self._ranges
         self._bcast, self._edits, self._ranges = [], {}, {}
         common = b"".join(bcast)
-        if not edits and not ranges:
-            if common:
-                for conn in self.members.values():
-                    if not conn.dead:
-                        conn.transport.write(common)  # type: ignore[union-attr]
-            self._print_pending()
-            return
+        special = edits.keys() | ranges.keys()  # their own view; usually none
         if common:
-            for conn in self.members.values():
-                if not conn.dead and conn not in edits and conn not in ranges:
+            members: Iterable[Connection] = self.members.values()
+            if special:
+                members = [conn for conn in members if conn not in special]
+            for conn in members:
+                if not conn.dead:
                     conn.transport.write(common)  # type: ignore[union-attr]
-        offsets = list(itertools.accumulate(map(len, bcast), initial=0))
-        for conn in edits.keys() | ranges.keys():
-            if conn.dead:
-                continue
-            lo, hi = ranges.get(conn, (0, -1))
-            data = stream_view(common, offsets, edits.get(conn, ()), lo,
-                               len(bcast) if hi < 0 else hi)
-            if data:
-                conn.transport.write(data)  # type: ignore[union-attr]
-            if conn.close_after_flush:
-                conn.transport.close()  # type: ignore[union-attr]
+        if special:
+            offsets = list(itertools.accumulate(map(len, bcast), initial=0))
+            for conn in special:
+                if conn.dead:
+                    continue
+                lo, hi = ranges.get(conn, (0, -1))
+                data = stream_view(common, offsets, edits.get(conn, ()), lo,
+                                   len(bcast) if hi < 0 else hi)
+                if data:
+                    conn.transport.write(data)  # type: ignore[union-attr]
+                if conn.close_after_flush:
+                    conn.transport.close()  # type: ignore[union-attr]
         self._print_pending()
 
     def _print_pending(self) -> None:
