@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import errno
 import hmac
 import ipaddress
 import itertools
 import re
+import selectors
 import signal
 import socket
 import ssl
@@ -41,7 +43,7 @@ import sys
 import time
 import unicodedata
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Final, cast
 
@@ -260,7 +262,7 @@ def parse_command(line: str) -> Command:
         if not to or not text.strip():
             return Malformed(MSG_USAGE)
         return Whisper(neutralise(to), neutralise(text))
-    if not line.strip():
+    if not line or line.isspace():
         return Blank()
     if line[:2] in ("\\:", "\\\\"):
         line = line[1:]
@@ -398,6 +400,7 @@ class Room:
     def __init__(self, passcode: str) -> None:
         self._passcode = passcode.encode()
         self._members: dict[str, str] = {}  # name_key -> name, in join order
+        self._present: set[str] = set()  # the same names, exactly as they joined
 
     def __contains__(self, name: str) -> bool:
         return name_key(name) in self._members
@@ -425,7 +428,7 @@ class Room:
         """Apply one input, whatever its origin; the same inputs in the same
         order give the same room and the same outputs on every server."""
         if isinstance(inp, Typed):
-            if inp.name not in self:
+            if inp.name not in self._present:
                 return []  # typed just before leaving; nobody to speak for
             return self.handle(inp.name, parse_command(inp.text), inp.now)
         if isinstance(inp, Joining):
@@ -434,6 +437,20 @@ class Room:
                 return [TurnAway(inp.ticket, "name-taken", text)]
             return [Welcome(inp.ticket, inp.name), *self.join(inp.name)]
         return self.leave(inp.name)
+
+    def said_line(self, name: str, text: str) -> str | None:
+        """The room line of member `name`'s plain chat text, or None.
+
+        A shortcut of step() for the commonest input: when it returns a line,
+        step(Typed(name, text, now)) gives exactly [Log(line), Deliver(line,
+        skip=name)] and changes nothing (a property test holds the two
+        together). It answers None whenever the text needs a closer look: a
+        command or an escape (a leading `:` or backslash), a blank line, any
+        character that is not printable ASCII, or a name that is not in."""
+        if (name in self._present and text and text[0] != ":" and text[0] != "\\"
+                and text.isascii() and text.isprintable() and not text.isspace()):
+            return f"{name}: {text}"
+        return None
 
     def join(self, name: str) -> list[Output]:
         """`name` (already checked) enters the room."""
@@ -447,6 +464,8 @@ class Room:
 
     def handle(self, name: str, command: Command, now: float) -> list[Output]:
         """Member `name` typed `command` at time `now` (seconds since the epoch)."""
+        if type(command) is Say:  # the usual case: one event, no replies
+            return self.apply(Said(name, command.text, command.echo))
         events, replies = self.decide(name, command, now)
         outputs: list[Output] = []
         for event in events:
@@ -486,9 +505,12 @@ class Room:
             ]
         if isinstance(event, Joined):
             self._members[name_key(event.name)] = event.name
+            self._present.add(event.name)
             line = f"{event.name} joined the chatroom"
         else:
-            self._members.pop(name_key(event.name), None)
+            gone = self._members.pop(name_key(event.name), None)
+            if gone is not None:
+                self._present.discard(gone)
             line = f"{event.name} left the chatroom"
         return [Log(line), Deliver(line, skip=event.name)]
 
@@ -563,10 +585,7 @@ def parse_login(line: str) -> tuple[str, str] | None:
 # ============================================================================
 
 LOOPBACK: Final = ("127.0.0.0/8", "::1/128")
-# Up to this many members, what a client's data caused is written at once;
-# above it, writes wait for the end of the loop's pass, so that everything
-# due to one client in that pass goes out in one write (docs/PERFORMANCE.md).
-SMALL_ROOM: Final = 64
+READ_BUFFER: Final = 256 << 10  # bytes read from a socket at once, as asyncio's own
 
 
 @dataclass(frozen=True)
@@ -586,8 +605,72 @@ class Limits:
         return [ipaddress.ip_network(n, strict=False) for n in self.exempt]
 
 
-class Connection(asyncio.Protocol):
-    """One client connection. It frames lines and hands them to the Hub."""
+class _PollHookSelector(selectors.DefaultSelector):
+    """The platform's selector, running the loop's `before_poll` hooks first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop: PassLoop | None = None
+
+    def select(self, timeout: float | None = None) -> Any:
+        loop = self.loop
+        if loop is not None and loop.before_poll:
+            loop.scheduled = False
+            for hook in loop.before_poll:
+                hook()
+            if loop.scheduled:
+                timeout = 0  # the hooks queued callbacks: run them, don't sleep
+        return super().select(timeout)
+
+
+class PassLoop(asyncio.SelectorEventLoop):
+    """asyncio's selector loop, able to act at the end of each pass.
+
+    A pass of the loop polls for I/O once and then runs every callback that
+    is ready; the functions in `before_poll` run after the last of those
+    callbacks, just before the next poll. The Hub writes there: once per pass,
+    after every client whose data arrived in it has been heard, and without
+    the extra poll that a flush scheduled with call_soon would cost. When a
+    hook schedules a callback (closing a transport does), that poll does not
+    block. The loop calls its selector's select() once per pass, after
+    running what was ready, on every Python this file supports."""
+
+    def __init__(self) -> None:
+        selector = _PollHookSelector()
+        super().__init__(selector)
+        selector.loop = self
+        self.before_poll: list[Callable[[], None]] = []
+        self.scheduled = False
+
+    def call_soon(self, callback: Callable[..., Any], *args: Any,  # type: ignore[override]
+                  context: contextvars.Context | None = None) -> asyncio.Handle:
+        self.scheduled = True
+        return super().call_soon(callback, *args, context=context)
+
+
+def run_on_pass_loop(main: Coroutine[Any, Any, int]) -> int:
+    """asyncio.run(main), on a PassLoop."""
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=PassLoop) as runner:  # novm
+            return runner.run(main)
+
+    class Policy(asyncio.DefaultEventLoopPolicy):
+        def new_event_loop(self) -> asyncio.AbstractEventLoop:
+            return PassLoop()
+
+    asyncio.set_event_loop_policy(Policy())
+    try:
+        return asyncio.run(main)
+    finally:
+        asyncio.set_event_loop_policy(None)
+
+
+class Connection(asyncio.BufferedProtocol):
+    """One client connection. It frames lines and hands them to the Hub.
+
+    It reads into the Hub's one buffer (get_buffer/buffer_updated): a plain
+    Protocol would have asyncio allocate, shrink and free a 256 KiB bytes
+    object for every read, which malloc turns into three more system calls."""
 
     __slots__ = ("addr", "backlog", "close_after_flush", "dead", "hub", "name",
                  "reader", "ticket", "timer", "transport")
@@ -611,6 +694,12 @@ class Connection(asyncio.Protocol):
         self.addr = address_key(str(peer[0])) if peer else ""
         self.hub.connected(self)
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.hub.read_buffer  # callbacks never overlap: one buffer serves all
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(self.hub.read_buffer[:nbytes]))
+
     def data_received(self, data: bytes) -> None:
         hub = self.hub
         for item in self.reader.feed(data):
@@ -620,8 +709,6 @@ class Connection(asyncio.Protocol):
                 self.backlog.append(item)
             else:
                 hub.received(self, item)
-        if hub.pending and len(hub.members) <= SMALL_ROOM:
-            hub.flush()  # a small room: answer now, not one loop pass later
 
     def eof_received(self) -> bool:
         return False  # close our side too: a half-closed client has left
@@ -664,10 +751,12 @@ class Hub:
     server in the same order. Outputs only reach this server's connections.
 
     Deliveries are queued for the current pass of the event loop and written
-    by flush(), scheduled once per pass. A broadcast goes into `_bcast`; what
-    sets one connection's stream apart from everyone's (its own messages
-    skipped, lines only for it, joining or leaving mid-pass) is an edit list.
-    Everyone else is sent the same joined bytes: one write per client per pass.
+    by flush() at its end: on a PassLoop just before the loop polls again,
+    elsewhere (uvloop) by a callback scheduled once per pass. A broadcast goes
+    into `_bcast`; what sets one connection's stream apart from everyone's
+    (its own messages skipped, lines only for it, joining or leaving
+    mid-pass) is an edit list. Everyone else is sent the same joined bytes:
+    one write per client per pass.
     """
 
     def __init__(self, room: Room, limits: Limits, out: BinaryIO, now: Any = time.time,
@@ -678,6 +767,7 @@ class Hub:
         self.now = now
         self.node = node
         self.submit: Callable[[Input], None] = self.apply
+        self._local = self.submit  # while submit is this, inputs are applied here and now
         self.throttle = LoginThrottle(limits.login_failures, limits.failure_window)
         self.members: dict[str, Connection] = {}  # this server's members, by name
         self.waiting: dict[str, Connection] = {}  # logins waiting for the room, by ticket
@@ -686,8 +776,12 @@ class Hub:
         self._tickets = itertools.count(1)
         self._exempt = limits.networks()
         self._exempt_cache: dict[str, bool] = {}
-        self._loop = asyncio.get_running_loop()
-        self._scheduled = False
+        self._loop = loop = asyncio.get_running_loop()
+        self._scheduled = False  # something is queued that flush() has not written
+        self._at_pass_end = isinstance(loop, PassLoop)  # flush() runs by itself then
+        if isinstance(loop, PassLoop):
+            loop.before_poll.append(self._flush_pending)
+        self.read_buffer = memoryview(bytearray(READ_BUFFER))
         self._bcast: list[bytes] = []
         self._edits: dict[Connection, list[tuple[int, bytes | None]]] = {}
         self._ranges: dict[Connection, list[int]] = {}
@@ -761,8 +855,14 @@ class Hub:
     def received(self, conn: Connection, item: Received) -> None:
         name = conn.name
         if name is not None:
-            if isinstance(item, str):
-                self.submit(Typed(name, item, self.now()))
+            if type(item) is str:
+                # Plain chat, applied here: the room's own shortcut, no values built.
+                line = self.room.said_line(name, item) if self.submit is self._local else None
+                if line is None:
+                    self.submit(Typed(name, item, self.now()))
+                else:
+                    self._printed.append(line)
+                    self._broadcast(line, skip=name)
             elif item is TOO_LONG:
                 limit = self.limits.max_line
                 self.route([Fail(name, "line-too-long",
@@ -809,15 +909,10 @@ class Hub:
         """Queue `outputs` for this server's connections in this pass."""
         for out in outputs:
             if isinstance(out, Deliver):
-                data = out.line.encode() + b"\n"
                 if out.to is None:
-                    if out.skip is not None:
-                        skipped = self.members.get(out.skip)
-                        if skipped is not None:
-                            self._edit(skipped, len(self._bcast), None)
-                    self._bcast.append(data)
+                    self._broadcast(out.line, out.skip)
                 else:
-                    self._to(out.to, data)
+                    self._to(out.to, out.line.encode() + b"\n")
             elif isinstance(out, Log):
                 self._printed.append(out.line)
             elif isinstance(out, Fail):
@@ -857,6 +952,15 @@ class Hub:
                 break
             self.received(conn, item)
 
+    def _broadcast(self, line: str, skip: str | None) -> None:
+        """`line` for every member of this server but `skip`."""
+        if skip is not None:
+            skipped = self.members.get(skip)
+            if skipped is not None:
+                self._edit(skipped, len(self._bcast), None)
+        self._bcast.append(line.encode() + b"\n")
+        self._schedule()
+
     def _to(self, name: str, data: bytes) -> None:
         conn = self.members.get(name)
         if conn is not None:
@@ -869,15 +973,15 @@ class Hub:
         else:
             edits.append((pos, data))
 
-    @property
-    def pending(self) -> bool:
-        """Is anything queued for this pass that flush() has not written?"""
-        return self._scheduled
-
     def _schedule(self) -> None:
         if not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self.flush)
+            if not self._at_pass_end:
+                self._loop.call_soon(self.flush)
+
+    def _flush_pending(self) -> None:
+        if self._scheduled:
+            self.flush()
 
     def flush(self) -> None:
         """Write everything queued in this pass: one write per connection."""
@@ -1156,7 +1260,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.redis:
             cluster = optional("chatroom_ext.cluster", "-redis needs the chatroom_ext package "
                                "beside server.py and redis-py: pip install 'redis>=5'")
-        run: Any = asyncio.run
+        run: Any = run_on_pass_loop
         if args.uvloop:
             run = optional("chatroom_ext.fastloop", "-uvloop needs the chatroom_ext package "
                            "beside server.py and uvloop: pip install uvloop").run

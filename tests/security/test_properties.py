@@ -251,8 +251,9 @@ class RoomMachine(RuleBasedStateMachine):
             assert refused is not None and refused.code == "bad-username", (name, refused)
             return
         if refused is not None:
-            if refused.code == "bad-username":  # beyond SPEC: invisible/format characters
-                assert any(unicodedata.category(ch)[0] in "CZ" for ch in name), name
+            if refused.code == "bad-username":  # beyond SPEC: invisible/format characters,
+                assert any(unicodedata.category(ch)[0] in "CZ" or ch == "\ufffd"  # and U+FFFD
+                           for ch in name), name
             else:
                 assert refused.code == "name-taken" and taken, (name, refused)
             return
@@ -290,7 +291,11 @@ class RoomMachine(RuleBasedStateMachine):
             assert isinstance(item, str)
             command = parse_command(item)
             before = list(self.order)
+            short = self.room.said_line(name, item)
             outputs = self.room.step(Typed(name, item, self.now))
+            if short is not None:  # the shortcut the server takes for plain text
+                assert outputs == [Log(short), Deliver(short, skip=name)]
+                assert isinstance(command, Say) and self.order == before
             if isinstance(command, Exit):
                 self.order.remove(name)
                 assert outputs == [Log(f"{name} left the chatroom"),
@@ -315,6 +320,7 @@ class RoomMachine(RuleBasedStateMachine):
     @rule(name=NAMES)
     def gone_twice_or_never_there(self, name: str) -> None:
         if not any(key(m) == key(name) for m in self.order):
+            assert self.room.said_line(name, "hi") is None
             assert self.room.step(Gone(name)) == []
 
     def gone(self, name: str) -> None:

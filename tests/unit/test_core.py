@@ -174,6 +174,62 @@ def test_room_handle(typed: str, outputs: list[server.Output]) -> None:
     assert room.handle("alice", parse_command(typed), NOW) == outputs
 
 
+SAID_LINE = [
+    # (typed by alice, the room line said_line gives; None: step() must look closer)
+    ("Hello Room", "alice: Hello Room"),
+    ("  indented, trailing  ", "alice:   indented, trailing  "),
+    ("\\o/ a backslash inside", None),  # a leading backslash may be an escape
+    ("o/ \\o/", "alice: o/ \\o/"),
+    ("a:) b", "alice: a:) b"),
+    (":)", None),
+    (":Msg bob hi", None),
+    (":Exitx", None),  # plain text in the end, but it starts like a command
+    ("\\:)", None),
+    ("", None),
+    ("   ", None),
+    ("caf\u00e9", None),  # not ASCII: neutralise() decides
+    ("tab\there", None),
+    ("bell\x07", None),
+    ("del\x7f", None),
+]
+
+
+@pytest.mark.parametrize(("typed", "line"), SAID_LINE, ids=[repr(s[0]) for s in SAID_LINE])
+def test_said_line_is_the_plain_text_shortcut(typed: str, line: str | None) -> None:
+    room = room_with("alice", "bob")
+    assert room.said_line("alice", typed) == line
+    if line is not None:
+        assert room.step(Typed("alice", typed, NOW)) == [Log(line), Deliver(line, skip="alice")]
+
+
+def test_said_line_knows_only_the_members_as_they_joined() -> None:
+    room = room_with("Bob")
+    assert room.said_line("Bob", "hi") == "Bob: hi"
+    assert room.said_line("bob", "hi") is None  # not how Bob joined
+    assert room.said_line("carol", "hi") is None
+    room.leave("Bob")
+    assert room.said_line("Bob", "hi") is None
+    room.join("bob")
+    assert room.said_line("Bob", "hi") is None
+    assert room.said_line("bob", "hi") == "bob: hi"
+    room.handle("bob", Exit(), NOW)
+    assert room.said_line("bob", "hi") is None
+
+
+@given(st.sampled_from(["alice", "bob", "zed"]),
+       st.one_of(st.text(), st.text(alphabet=[chr(c) for c in range(0x20, 0x7F)])))
+def test_said_line_agrees_with_step(name: str, text: str) -> None:
+    room = room_with("alice", "bob")
+    line = room.said_line(name, text)
+    outputs = room.step(Typed(name, text, NOW))
+    if line is not None:
+        assert outputs == [Log(line), Deliver(line, skip=name)]
+        assert room.names == ["alice", "bob"]
+    elif name in ("alice", "bob") and text.isascii() and text.isprintable() \
+            and text.strip() and text[0] not in ":\\":
+        raise AssertionError(f"{text!r} is plain text, yet said_line declined it")
+
+
 def test_time_is_zero_padded_and_has_no_double_spaces() -> None:
     oct_7 = 1759795200.0  # Tue Oct 07 00:00:00 2025 UTC
     [log, _] = room_with("alice").handle("alice", Tell(0), oct_7)
