@@ -102,7 +102,7 @@ class Grid:
     procs: int
     sampled: int  # receivers that parse every line (closed loop)
     paced_sampled: int = 32  # ... in the paced runs, where parsing costs little
-    paced_reps: int = 3  # paced runs per cell, servers taking turns; the median p99 is kept
+    paced_reps: int = 5  # paced runs per cell, servers taking turns; the median p99 is kept
     paced_duration: float = 3.0
     join_burst: int = 200
     join_steady: int = 8  # ngircd listens with a backlog of 10: more drops SYNs
@@ -114,6 +114,8 @@ FULL = Grid(receivers=[10, 100, 1000], senders=[1, 4], modes=["closed", "paced"]
 QUICK = Grid(receivers=[5], senders=[1, 2], modes=["closed", "paced"], window=16,
              rate=5_000, duration=0.4, warmup=0.2, joins=0, joins_both=40, procs=1, sampled=3,
              paced_sampled=3, paced_reps=1, paced_duration=0.4)
+
+UVLOOP_BURST = 2000  # clients in uvloop's many-clients burst (see run_grid)
 
 LABEL = {"ours": "ours", "ours-uvloop": "ours+uvloop", "ngircd": "ngircd"}
 
@@ -228,8 +230,12 @@ def run_grid(servers: list[str], grid: Grid, args: argparse.Namespace) -> dict[s
                 for name in servers:
                     runs.append(median_run(done[name]))
     plan = [(name, grid.joins_both, grid.join_steady) for name in servers if grid.joins_both]
-    plan += [(name, grid.joins, grid.join_burst) for name in servers
-             if grid.joins and name.startswith("ours")]
+    # uvloop gets a smaller burst: libuv accepts one connection per pass of its
+    # loop, so the logins, and the join notices they cause, come one per pass,
+    # and each pass writes to every member (docs/PERFORMANCE.md). 10,000 took
+    # minutes that way.
+    plan += [(name, min(grid.joins, UVLOOP_BURST) if name == "ours-uvloop" else grid.joins,
+              grid.join_burst) for name in servers if grid.joins and name.startswith("ours")]
     for name, clients, concurrency in plan:
         server = make_server(name, args)
         row = {"server": name}
