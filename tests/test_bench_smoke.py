@@ -54,3 +54,25 @@ def test_bench_quick_runs_and_writes_json(tmp_path: Path) -> None:
     assert targets["ours_no_loss_no_reorder"] is True
     assert targets["many_clients_all_joins_delivered"] is True
     assert targets["throughput_2x_at_max_n"] is None  # no ngircd in this run
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_variants_runs_copies_of_server_py_side_by_side(tmp_path: Path) -> None:
+    copies = []
+    for name in ("one.py", "two.py"):
+        copy = tmp_path / name
+        copy.write_bytes((ROOT / "server.py").read_bytes())
+        copies.append(str(copy))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "variants.py"), *copies, "--quick", "-n", "3",
+         "-s", "1", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=110, stdin=subprocess.DEVNULL, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    [out] = (tmp_path / "out").glob("variants-*.json")
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["one", "two"]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["sent"] > 0 and r["lost"] == 0 and r["out_of_order"] == 0, r
+        assert r["delivered"] == r["sent"] * 3, r
