@@ -13,10 +13,11 @@ top to bottom:
    deliver to whom and what the server prints. Nothing in the core touches
    asyncio, sockets, files or clocks: the current time is passed in. It is
    unit-tested from tables with no event loop (tests/unit/test_core.py).
-2. THE ASYNCIO TRANSPORT. One event loop, one Protocol per connection, the
-   limits against hostile or broken clients, and write coalescing: what is
-   due to one client in one pass of the loop goes out in one write, and a
-   broadcast is encoded and joined once for everyone.
+2. THE ASYNCIO TRANSPORT. One event loop (asyncio's, with a hook at the
+   end of each pass: PassLoop), one Protocol per connection, the limits
+   against hostile or broken clients, and write coalescing: what is due to
+   one client in one pass of the loop goes out in one write, at the end of
+   the pass, and a broadcast is encoded and joined once for everyone.
 3. THE COMMAND LINE.
 
 Rules this file keeps: the server's stdout carries only the contract's lines;
