@@ -38,6 +38,7 @@ import argparse
 import array
 import asyncio
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -310,6 +311,9 @@ class Result:
     p99_us: float | None = None
     p999_us: float | None = None
     max_us: float | None = None
+    # paced runs: latencies in buckets about 1 % wide, so that repeated runs
+    # can be pooled (see latency_bucket)
+    latency_hist: dict[str, int] | None = None
     latency_samples: int = 0
     latency_clock: str = "kernel receive stamp"
     stamp_fallbacks: int = 0  # reads without a kernel stamp (then: when read)
@@ -825,6 +829,12 @@ class Conductor:
                 return ls[min(len(ls) - 1, int(q * len(ls)))] / 1000.0
             res.p50_us, res.p99_us, res.p999_us = pct(0.50), pct(0.99), pct(0.999)
             res.max_us = ls[-1] / 1000.0
+            if w.mode == "paced":
+                hist: dict[str, int] = {}
+                for ns in ls:
+                    key = str(latency_bucket(ns))
+                    hist[key] = hist.get(key, 0) + 1
+                res.latency_hist = hist
         res.overloaded = self.overloaded
         if self.overloaded:
             res.notes.append("paced rate not sustained: too many lines in flight")
@@ -833,6 +843,29 @@ class Conductor:
             if c.transport is not None:
                 c.transport.abort()
         return res
+
+
+def latency_bucket(ns: int) -> int:
+    """The histogram bucket of a latency: 100 buckets per factor of e (about 1 %)."""
+    return int(math.log(max(ns, 1)) * 100)
+
+
+def pooled_percentiles(hists: list[dict[str, int]], qs: tuple[float, ...]) -> list[float]:
+    """Percentiles (µs, each its bucket's middle) of several runs' samples together."""
+    total: dict[int, int] = {}
+    for h in hists:
+        for k, n in h.items():
+            total[int(k)] = total.get(int(k), 0) + n
+    count = sum(total.values())
+    out = []
+    for q in qs:
+        rank, seen = min(count - 1, int(q * count)), 0
+        for k in sorted(total):
+            seen += total[k]
+            if seen > rank:
+                out.append(math.exp((k + 0.5) / 100) / 1000.0)
+                break
+    return out
 
 
 def run_workload(w: Workload) -> Result:

@@ -201,6 +201,7 @@ def median_run(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Of repeated runs of one cell, the one with the median p99 (all are kept
     in its `reps`)."""
     if len(rows) == 1:
+        rows[0].pop("latency_hist", None)
         return rows[0]
     ok = sorted((r for r in rows if "error" not in r), key=lambda r: r["p99_us"] or 0.0)
     best = dict(ok[(len(ok) - 1) // 2]) if ok else dict(rows[-1])
@@ -210,6 +211,11 @@ def median_run(rows: list[dict[str, Any]]) -> dict[str, Any]:
     if ok:
         for k in ("lost", "duplicated", "out_of_order"):  # count every rep's
             best[k] = sum(r[k] for r in ok)
+        hists = [r["latency_hist"] for r in ok if r.get("latency_hist")]
+        if len(hists) == len(ok):  # every run's samples together: a steadier tail
+            best["pooled_p50_us"], best["pooled_p99_us"] = loadgen.pooled_percentiles(
+                hists, (0.50, 0.99))
+    best.pop("latency_hist", None)  # bulky; the pooled figures stand for them
     return best
 
 
@@ -299,6 +305,7 @@ def compare(data: dict[str, Any], servers: list[str]) -> list[dict[str, Any]]:
             "lines_per_s": ratio(o.get("lines_per_s"), g.get("lines_per_s")),
             "p50_us": ratio(o.get("p50_us"), g.get("p50_us")),
             "p99_us": ratio(o.get("p99_us"), g.get("p99_us")),
+            "pooled_p99_us": ratio(o.get("pooled_p99_us"), g.get("pooled_p99_us")),
             "connect_join_s": ratio(o.get("connect_join_s"), g.get("connect_join_s")),
             "server_rss_kib": ratio(o.get("server_rss_kib"), g.get("server_rss_kib")),
             "server_cpu_s": ratio(o.get("server_cpu_s"), g.get("server_cpu_s")),
@@ -329,6 +336,10 @@ def table(cmp: list[dict[str, Any]], servers: list[str]) -> str:
         head += [f"{short[s]} lines/s" for s in cols] + (["ratio"] if both else [])
         head += [f"{short[s]} p50 us" for s in cols] + [f"{short[s]} p99 us" for s in cols]
         head += ["p99 ratio"] if both else []
+        pooled = mode == "paced" and any("pooled_p99_us" in (c.get(s) or {})
+                                         for c in cells for s in cols)
+        if pooled:  # every run's samples together
+            head += [f"{short[s]} pooled p99" for s in cols] + (["pooled ratio"] if both else [])
         head += [f"{short[s]} join s" for s in cols] + [f"{short[s]} RSS MiB" for s in cols]
         head += [f"{short[s]} CPU s (%)" for s in cols]
         head += ["gen CPU %", "others %", "lost/dup/ooo"]
@@ -344,6 +355,9 @@ def table(cmp: list[dict[str, Any]], servers: list[str]) -> str:
             row += [fmt(c["ratio"]["lines_per_s"], ".2f")] if both else []
             row += [fmt(get(s, "p50_us")) for s in cols] + [fmt(get(s, "p99_us")) for s in cols]
             row += [fmt(c["ratio"]["p99_us"], ".2f")] if both else []
+            if pooled:
+                row += [fmt(get(s, "pooled_p99_us")) for s in cols]
+                row += [fmt(c["ratio"]["pooled_p99_us"], ".2f")] if both else []
             row += [fmt(get(s, "connect_join_s"), ".2f") for s in cols]
             row += [fmt(None if get(s, "server_rss_kib") is None
                         else get(s, "server_rss_kib") / 1024, ".1f") for s in cols]
@@ -398,6 +412,8 @@ def targets(cmp: list[dict[str, Any]], joins: list[dict[str, Any]], grid: Grid) 
         "throughput_2x_at_max_n": (all(r is not None and r >= 2 for r in thr)
                                    if thr and None not in thr else None),
         "paced_p99_ratios": p99,
+        "paced_pooled_p99_ratios": [c["ratio"]["pooled_p99_us"] for c in cmp
+                                    if c["mode"] == "paced"],
         "paced_p99_not_worse": (all(r is not None and r <= 1 for r in p99)
                                 if p99 and None not in p99 else None),
         "ours_no_loss_no_reorder": (all("error" not in r and r["lost"] == 0

@@ -76,3 +76,23 @@ def test_variants_runs_copies_of_server_py_side_by_side(tmp_path: Path) -> None:
         assert "error" not in r, r
         assert r["sent"] > 0 and r["lost"] == 0 and r["out_of_order"] == 0, r
         assert r["delivered"] == r["sent"] * 3, r
+
+
+def test_pooled_percentiles_match_the_samples_within_a_bucket() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import loadgen
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    runs = [[1_000 * (k % 97 + 1) for k in range(500)], [250_000] * 10 + [40_000] * 490]
+    hists = []
+    for samples in runs:
+        hist: dict[str, int] = {}
+        for ns in samples:
+            key = str(loadgen.latency_bucket(ns))
+            hist[key] = hist.get(key, 0) + 1
+        hists.append(hist)
+    everything = sorted(ns for samples in runs for ns in samples)
+    for q, got in zip((0.5, 0.99), loadgen.pooled_percentiles(hists, (0.5, 0.99)), strict=True):
+        exact = everything[int(q * len(everything))] / 1000.0
+        assert abs(got - exact) <= 0.01 * exact, (q, got, exact)
