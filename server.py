@@ -465,8 +465,6 @@ class Room:
 
     def handle(self, name: str, command: Command, now: float) -> list[Output]:
         """Member `name` typed `command` at time `now` (seconds since the epoch)."""
-        if type(command) is Say:  # the usual case: one event, no replies
-            return self.apply(Said(name, command.text, command.echo))
         events, replies = self.decide(name, command, now)
         outputs: list[Output] = []
         for event in events:

@@ -48,7 +48,7 @@ import struct
 import sys
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from socket import IPPROTO_TCP, SOL_SOCKET, TCP_QUICKACK
 from typing import Any
@@ -830,11 +830,7 @@ class Conductor:
             res.p50_us, res.p99_us, res.p999_us = pct(0.50), pct(0.99), pct(0.999)
             res.max_us = ls[-1] / 1000.0
             if w.mode == "paced":
-                hist: dict[str, int] = {}
-                for ns in ls:
-                    key = str(latency_bucket(ns))
-                    hist[key] = hist.get(key, 0) + 1
-                res.latency_hist = hist
+                res.latency_hist = latency_histogram(ls)
         res.overloaded = self.overloaded
         if self.overloaded:
             res.notes.append("paced rate not sustained: too many lines in flight")
@@ -850,6 +846,15 @@ def latency_bucket(ns: int) -> int:
     return int(math.log(max(ns, 1)) * 100)
 
 
+def latency_histogram(samples: Iterable[int]) -> dict[str, int]:
+    """Samples (ns) counted per latency_bucket; string keys, as JSON keeps them."""
+    hist: dict[int, int] = {}
+    for ns in samples:
+        key = latency_bucket(ns)
+        hist[key] = hist.get(key, 0) + 1
+    return {str(k): n for k, n in hist.items()}
+
+
 def pooled_percentiles(hists: list[dict[str, int]], qs: tuple[float, ...]) -> list[float]:
     """Percentiles (µs, each its bucket's middle) of several runs' samples together."""
     total: dict[int, int] = {}
@@ -857,10 +862,11 @@ def pooled_percentiles(hists: list[dict[str, int]], qs: tuple[float, ...]) -> li
         for k, n in h.items():
             total[int(k)] = total.get(int(k), 0) + n
     count = sum(total.values())
+    keys = sorted(total)
     out = []
     for q in qs:
         rank, seen = min(count - 1, int(q * count)), 0
-        for k in sorted(total):
+        for k in keys:
             seen += total[k]
             if seen > rank:
                 out.append(math.exp((k + 0.5) / 100) / 1000.0)
