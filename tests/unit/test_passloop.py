@@ -122,3 +122,61 @@ def test_run_on_pass_loop_returns_the_result_and_leaves_no_loop_behind() -> None
     assert server.run_on_pass_loop(main()) == 7
     with pytest.raises(RuntimeError):
         asyncio.get_running_loop()
+
+
+def late_arrival(look_first: bool, more: int = 1) -> list[str]:
+    """A reads, and while its callback runs, data reaches B (as when several
+    senders write a few microseconds apart). With look_first set, B is read
+    before the hook; without, the hook runs first and B waits a pass.
+    `more` > 1: each read sends on to the next socket and asks to look again."""
+    pairs = [socket.socketpair() for _ in range(more + 1)]
+    seen: list[str] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, server.PassLoop)
+        done = loop.create_future()
+
+        def readable(k: int) -> None:
+            pairs[k][0].recv(100)
+            seen.append(f"read {k}")
+            if k + 1 < len(pairs):
+                pairs[k + 1][1].send(b"x")  # arrives after this pass polled
+                loop.look_first = look_first
+            elif not done.done():
+                done.set_result(None)
+
+        def hook() -> None:
+            if seen and seen[-1] != "hook":
+                seen.append("hook")
+
+        for k, (a, _) in enumerate(pairs):
+            a.setblocking(False)
+            loop.add_reader(a, readable, k)
+        loop.before_poll.append(hook)
+        await asyncio.sleep(0)
+        seen.clear()
+        pairs[0][1].send(b"x")
+        await done
+        for a, _ in pairs:
+            loop.remove_reader(a)
+
+    try:
+        run(main)
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+    return seen
+
+
+def test_look_first_takes_in_what_arrived_during_the_pass_before_the_hook() -> None:
+    assert late_arrival(look_first=True)[:3] == ["read 0", "read 1", "hook"]
+    assert late_arrival(look_first=False)[:3] == ["read 0", "hook", "read 1"]
+
+
+def test_look_first_delays_the_hook_by_one_pass_at_most() -> None:
+    # Every read asks to look first and makes the next socket readable: the
+    # look is spent once, so the hook still runs every other pass.
+    seen = late_arrival(look_first=True, more=4)
+    assert seen[:6] == ["read 0", "read 1", "hook", "read 2", "read 3", "hook"]
