@@ -726,6 +726,9 @@ class Connection(asyncio.BufferedProtocol):
                 hub.received(self, item)
 
     def eof_received(self) -> bool:
+        # What it is owed goes out before the close (the Hub may have looked
+        # for more input, and found this end, before writing).
+        self.hub.flush_pending()
         return False  # close our side too: a half-closed client has left
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -796,7 +799,7 @@ class Hub:
         self._scheduled = False  # something is queued that flush() has not written
         self._pass_loop = loop if isinstance(loop, PassLoop) else None  # flush() runs by itself
         if self._pass_loop is not None:
-            self._pass_loop.before_poll.append(self._flush_pending)
+            self._pass_loop.before_poll.append(self.flush_pending)
         self.read_buffer = memoryview(bytearray(READ_BUFFER))
         self._bcast: list[bytes] = []
         self._edits: dict[Connection, list[tuple[int, bytes | None]]] = {}
@@ -997,7 +1000,7 @@ class Hub:
             else:
                 self._loop.call_soon(self.flush)
 
-    def _flush_pending(self) -> None:
+    def flush_pending(self) -> None:
         if self._scheduled:
             self.flush()
 
