@@ -716,14 +716,17 @@ class Connection(asyncio.BufferedProtocol):
         self.data_received(bytes(self.hub.read_buffer[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
-        hub = self.hub
-        for item in self.reader.feed(data):
+        items = self.reader.feed(data)
+        if self.name is not None:
+            self.hub.heard(self, items)
+            return
+        for item in items:
             if self.dead or self.close_after_flush:
                 break
             if self.backlog is not None:
                 self.backlog.append(item)
             else:
-                hub.received(self, item)
+                self.hub.received(self, item)
 
     def eof_received(self) -> bool:
         # What it is owed goes out before the close (the Hub may have looked
@@ -871,17 +874,40 @@ class Hub:
 
     # -- lines in -------------------------------------------------------------
 
+    def heard(self, conn: Connection, items: list[Received]) -> None:
+        """The lines of one read from member `conn`, in order.
+
+        Plain chat applied here takes the room's own shortcut (no values are
+        built), and a run of it goes out as one broadcast: one entry, one
+        encode and one skip for its sender, however many lines it holds."""
+        name = conn.name
+        if name is None:
+            return
+        said = self.room.said_line if self.submit is self._local else None
+        run: list[str] = []
+        for item in items:
+            if conn.dead or conn.close_after_flush:
+                break
+            line = said(name, item) if said is not None and type(item) is str else None
+            if line is not None:
+                run.append(line)
+                continue
+            if run:
+                self._said(name, run)
+                run = []
+            self.received(conn, item)
+        if run:
+            self._said(name, run)
+
+    def _said(self, name: str, lines: list[str]) -> None:
+        self._printed += lines
+        self._broadcast("\n".join(lines), skip=name)
+
     def received(self, conn: Connection, item: Received) -> None:
         name = conn.name
         if name is not None:
             if type(item) is str:
-                # Plain chat, applied here: the room's own shortcut, no values built.
-                line = self.room.said_line(name, item) if self.submit is self._local else None
-                if line is None:
-                    self.submit(Typed(name, item, self.now()))
-                else:
-                    self._printed.append(line)
-                    self._broadcast(line, skip=name)
+                self.submit(Typed(name, item, self.now()))
             elif item is TOO_LONG:
                 limit = self.limits.max_line
                 self.route([Fail(name, "line-too-long",
@@ -966,10 +992,7 @@ class Hub:
         self.members[name] = conn
         self._ranges[conn] = [len(self._bcast), -1]
         backlog, conn.backlog = conn.backlog or [], None
-        for item in backlog:
-            if conn.dead or conn.close_after_flush:
-                break
-            self.received(conn, item)
+        self.heard(conn, backlog)
 
     def _broadcast(self, line: str, skip: str | None) -> None:
         """`line` for every member of this server but `skip`."""

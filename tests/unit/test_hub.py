@@ -1,0 +1,110 @@
+"""server.Hub with fake transports: what a read becomes on every connection.
+
+The Hub hands a run of plain chat from one read to the room's shortcut and
+queues it as one broadcast. These check that this changes nothing anyone
+sees: a read of many lines gives every connection, and the server's stdout,
+exactly the bytes the same lines give when each comes in its own pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import server
+
+NOW = 1_764_460_800.0  # :mytime and the room's clock read this, not the real time
+
+
+class FakeTransport:
+    """Collects what the Hub writes; closing it is remembered, not done."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "written after close"
+        self.data += data
+
+    def get_extra_info(self, key: str, default: object = None) -> object:
+        return ("127.0.0.1", 40000) if key == "peername" else default
+
+    def set_write_buffer_limits(self, high: int | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def run_room(reads: list[tuple[int, bytes]], flush_each: bool) -> tuple[list[bytes], bytes]:
+    """alice, bob and carol log in; then each (who, data) is one read.
+    Returns each one's bytes after the logins, and the server's stdout."""
+
+    async def main() -> tuple[list[bytes], bytes]:
+        out = io.BytesIO()
+        hub = server.Hub(server.Room("pw"), server.Limits(), out, now=lambda: NOW)
+        conns, transports = [], []
+        for name in ("alice", "bob", "carol"):
+            conn, tr = server.Connection(hub), FakeTransport()
+            conn.connection_made(tr)  # type: ignore[arg-type]
+            conn.data_received(f"LOGIN pw {name}\n".encode())
+            hub.flush()
+            conns.append(conn)
+            transports.append(tr)
+        start = [len(tr.data) for tr in transports]
+        printed = len(out.getvalue())
+        for who, data in reads:
+            conns[who].data_received(data)
+            if flush_each:
+                hub.flush()
+        hub.flush()
+        return ([bytes(tr.data[k:]) for tr, k in zip(transports, start, strict=True)],
+                out.getvalue()[printed:])
+
+    return asyncio.run(main())
+
+
+def one_read_against_line_by_line(who: int, lines: list[str]) -> None:
+    data = "".join(line + "\n" for line in lines).encode()
+    together = run_room([(who, data)], flush_each=False)
+    apart = run_room([(who, line.encode() + b"\n") for line in lines], flush_each=True)
+    assert together == apart
+
+
+@pytest.mark.parametrize("lines", [
+    ["hi", "there"],
+    ["a", ":Users", "b"],
+    ["a", ":)", "b", ":Msg bob psst", "c"],
+    ["a", "\\:Users", "b"],  # an escaped command is plain text, but not the shortcut's
+    ["a", "b", ":Exit", "never sent"],
+    ["a", "", "   ", "b"],
+    ["ascii", "caf\u00e9", "ascii again"],
+    ["x" * 3000, "after a line too long"],
+    [":mytime", "a"],
+])
+def test_a_read_of_many_lines_is_seen_as_those_lines_one_by_one(lines: list[str]) -> None:
+    one_read_against_line_by_line(0, lines)
+
+
+def test_a_run_of_plain_chat_reaches_the_others_in_one_write_and_skips_its_sender() -> None:
+    (alice, bob, carol), printed = run_room([(0, b"one\ntwo\n:Users\nthree\n")], flush_each=False)
+    assert bob == carol == b"alice: one\nalice: two\nalice: three\n"
+    assert alice == b"Active Users: alice, bob, carol\n"
+    assert printed == (b"alice: one\nalice: two\nalice: searched up active users\n"
+                       b"alice: three\n")
+
+
+LINE = st.sampled_from(["hi", "a b", ":)", ":(", ":Users", ":Msg bob hey", ":Msg nobody x",
+                        ":mytime", "\\:)", "", " ", "\u00e9t\u00e9", "tab\there", ":Exit",
+                        ":bogus"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(who=st.integers(0, 2), lines=st.lists(LINE, max_size=8))
+def test_any_read_is_seen_as_its_lines_one_by_one(who: int, lines: list[str]) -> None:
+    one_read_against_line_by_line(who, lines)
