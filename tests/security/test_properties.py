@@ -116,6 +116,32 @@ def test_line_reader_equals_the_reference_model(chunks: list[bytes], max_line: i
     assert feed_all(LineReader(max_line, flood), pieces) == expected
 
 
+SHORT_LINES = st.lists(st.lists(PIECES, max_size=6).map(
+    lambda ps: b"".join(ps).replace(b"\n", b"").replace(b"\r", b"")), min_size=1, max_size=8)
+
+
+@FAST
+@given(SHORT_LINES, st.sampled_from([b"\n", b"\r\n"]), st.integers(0, 3))
+def test_a_read_of_whole_lines_within_the_limit_is_read_as_the_model_says(
+        lines: list[bytes], end: bytes, spare: int) -> None:
+    # The reader's shortcut for the commonest read: broken UTF-8 included.
+    data = b"".join(line + end for line in lines)
+    limit = len(data) + spare
+    assert LineReader(limit).feed(data) == reference_lines(data, limit, 8 * limit)
+
+
+@FAST
+@given(STREAMS, st.integers(1, 40))
+def test_line_reader_reads_a_memoryview_as_its_bytes(chunks: list[bytes], max_line: int) -> None:
+    # The server hands the reader a view of its one read buffer.
+    as_bytes, as_views = LineReader(max_line), LineReader(max_line)
+    for chunk in chunks:
+        buffer = bytearray(chunk) + b"junk after the read"
+        assert as_views.feed(memoryview(buffer)[:len(chunk)]) == as_bytes.feed(chunk)
+        buffer[:] = b"x" * len(buffer)  # the buffer is reused: nothing may keep a view of it
+    assert as_views.feed(b"\n") == as_bytes.feed(b"\n")
+
+
 @FAST
 @given(st.binary(max_size=200), st.binary(max_size=200))
 def test_after_a_flood_the_reader_accepts_nothing(before: bytes, after: bytes) -> None:

@@ -230,6 +230,33 @@ def test_said_line_agrees_with_step(name: str, text: str) -> None:
         raise AssertionError(f"{text!r} is plain text, yet said_line declined it")
 
 
+TEXTS = st.lists(st.one_of(st.sampled_from([t for t, _ in SAID_LINE]),
+                           st.text(alphabet=[chr(c) for c in range(0x20, 0x7F)], max_size=6),
+                           st.text(max_size=4)), max_size=6)
+
+
+@given(st.sampled_from(["alice", "bob", "zed"]), TEXTS)
+def test_said_lines_is_said_line_for_all_or_none(name: str, texts: list[str]) -> None:
+    room = room_with("alice", "bob")
+    lines = [room.said_line(name, t) for t in texts]
+    block = room.said_lines(name, texts)
+    if texts and None not in lines:
+        assert block == "\n".join(lines)  # type: ignore[arg-type]
+    else:
+        assert block is None
+
+
+@pytest.mark.parametrize("texts", [["hi", "there"], ["hi", ":)"], [":)", "hi"], ["a", ""],
+                                   ["a", "\\o/"], ["a", "caf\u00e9"], ["a", "  "], []])
+def test_said_lines_declines_a_batch_with_one_line_that_needs_a_closer_look(
+        texts: list[str]) -> None:
+    room = room_with("alice")
+    expected = [room.said_line("alice", t) for t in texts]
+    got = room.said_lines("alice", texts)
+    assert got == ("\n".join(expected) if texts and None not in expected else None)  # type: ignore[arg-type]
+    assert (got is None) == (texts != ["hi", "there"])
+
+
 def test_time_is_zero_padded_and_has_no_double_spaces() -> None:
     oct_7 = 1759795200.0  # Tue Oct 07 00:00:00 2025 UTC
     [log, _] = room_with("alice").handle("alice", Tell(0), oct_7)
