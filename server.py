@@ -903,46 +903,33 @@ class Hub:
     def heard(self, conn: Connection, items: list[Received]) -> None:
         """The lines of one read from member `conn`, in order.
 
-        Plain chat applied here takes the room's own shortcut (no values are
-        built), and a run of it goes out as one broadcast: one entry, one
-        encode and one skip for its sender, however many lines it holds."""
+        While inputs are applied here, plain chat takes the room's own
+        shortcut (no values are built): a read of nothing else goes out as
+        one broadcast, one encode and one skip for its sender."""
         name = conn.name
         if name is None:
             return
-        if self.submit is self._local:
-            block = None if TOO_LONG in items or FLOOD in items else \
-                self.room.said_lines(name, items)  # type: ignore[arg-type]
-            if block is not None:  # all plain chat: the whole read at once
+        if self.submit is self._local and TOO_LONG not in items and FLOOD not in items:
+            block = self.room.said_lines(name, items)  # type: ignore[arg-type]
+            if block is not None:
                 self._printed.append(block)
                 self._broadcast(block, skip=name)
                 return
-            said = self.room.said_line
-        else:
-            said = None
-        run: list[str] = []
         for item in items:
             if conn.dead or conn.close_after_flush:
                 break
-            line = said(name, item) if said is not None and type(item) is str else None
-            if line is not None:
-                run.append(line)
-                continue
-            if run:
-                self._said(name, run)
-                run = []
             self.received(conn, item)
-        if run:
-            self._said(name, run)
-
-    def _said(self, name: str, lines: list[str]) -> None:
-        self._printed += lines
-        self._broadcast("\n".join(lines), skip=name)
 
     def received(self, conn: Connection, item: Received) -> None:
         name = conn.name
         if name is not None:
             if type(item) is str:
-                self.submit(Typed(name, item, self.now()))
+                line = self.room.said_line(name, item) if self.submit is self._local else None
+                if line is None:
+                    self.submit(Typed(name, item, self.now()))
+                else:
+                    self._printed.append(line)
+                    self._broadcast(line, skip=name)
             elif item is TOO_LONG:
                 limit = self.limits.max_line
                 self.route([Fail(name, "line-too-long",
