@@ -670,9 +670,11 @@ class PassLoop(asyncio.SelectorEventLoop):
 
     Setting `look_first` asks for one look before the hooks run: a poll that
     does not wait, and if anything has arrived since the pass began, one
-    more pass to handle it first. The Hub sets it when it has lines queued,
-    so that senders whose lines arrive a few microseconds apart share one
-    write per client instead of each costing a round of writes. The hooks
+    more pass to handle it first. The Hub sets it when it has lines queued
+    and its last write carried more than one read, so that senders whose
+    lines arrive a few microseconds apart share one write per client instead
+    of each costing a round of writes; a lone sender is not kept waiting
+    for a look that finds nothing (it cost more than its system call). The hooks
     wait at most one extra pass, however often it is set; it is cleared
     when they run."""
 
@@ -833,7 +835,8 @@ class Hub:
 
     Deliveries are queued for the current pass of the event loop and written
     by flush() at its end: on a PassLoop just before the loop polls again
-    (after one look for lines that arrived meanwhile: PassLoop.look_first),
+    (after one look for lines that arrived meanwhile, when the last flush
+    carried more than one read: PassLoop.look_first),
     elsewhere (uvloop) by a callback scheduled once per pass. A broadcast goes
     into `_bcast`; what sets one connection's stream apart from everyone's
     (its own messages skipped, lines only for it, joining or leaving
@@ -860,6 +863,8 @@ class Hub:
         self._exempt_cache: dict[str, bool] = {}
         self._loop = loop = asyncio.get_running_loop()
         self._scheduled = False  # something is queued that flush() has not written
+        self._reads = 0  # members' reads heard since the last flush
+        self._look = False  # the last flush carried several: look before the next
         self._pass_loop = loop if isinstance(loop, PassLoop) else None  # flush() runs by itself
         self.direct_writes = self._pass_loop is not None  # Connection.send may use the socket
         if self._pass_loop is not None:
@@ -945,6 +950,7 @@ class Hub:
         name = conn.name
         if name is None:
             return
+        self._reads += 1
         if self.submit is self._local and TOO_LONG not in items and FLOOD not in items:
             block = self.room.said_lines(name, items)  # type: ignore[arg-type]
             if block is not None:
@@ -1077,7 +1083,8 @@ class Hub:
         if not self._scheduled:
             self._scheduled = True
             if self._pass_loop is not None:
-                self._pass_loop.look_first = True  # whoever else has spoken joins this flush
+                if self._look:  # whoever else speaks meanwhile joins this flush
+                    self._pass_loop.look_first = True
             else:
                 self._loop.call_soon(self.flush)
 
@@ -1088,6 +1095,7 @@ class Hub:
     def flush(self) -> None:
         """Write everything queued in this pass: one write per connection."""
         self._scheduled = False
+        self._look, self._reads = self._reads > 1, 0
         bcast, edits, ranges = self._bcast, self._edits, self._ranges
         self._bcast, self._edits, self._ranges = [], {}, {}
         common = b"".join(bcast)

@@ -108,3 +108,33 @@ LINE = st.sampled_from(["hi", "a b", ":)", ":(", ":Users", ":Msg bob hey", ":Msg
 @given(who=st.integers(0, 2), lines=st.lists(LINE, max_size=8))
 def test_any_read_is_seen_as_its_lines_one_by_one(who: int, lines: list[str]) -> None:
     one_read_against_line_by_line(who, lines)
+
+
+def test_the_hub_looks_for_more_input_only_after_a_write_that_carried_several_reads() -> None:
+    """PassLoop.look_first costs a lone sender more than it saves, so the Hub
+    asks for it only when its last flush carried more than one read."""
+
+    async def main() -> list[bool]:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, server.PassLoop)
+        hub = server.Hub(server.Room("pw"), server.Limits(), io.BytesIO(), now=lambda: NOW)
+        conns = []
+        for name in ("alice", "bob"):
+            conn = server.Connection(hub)
+            conn.connection_made(FakeTransport())  # type: ignore[arg-type]
+            conn.data_received(f"LOGIN pw {name}\n".encode())
+            await asyncio.sleep(0)  # one pass: the hook flushes
+            conns.append(conn)
+        asked = []
+        for reads in ([b"one\n"], [b"two\n", b"three\n"], [b"four\n"], [b"five\n"]):
+            for k, data in enumerate(reads):  # all in one pass
+                conns[k].data_received(data)
+            asked.append(loop.look_first)
+            await asyncio.sleep(0)
+        for conn in conns:
+            if conn.timer is not None:
+                conn.timer.cancel()
+        return asked
+
+    asked = server.run_on_pass_loop(main())  # type: ignore[arg-type]
+    assert asked == [False, False, True, False]
