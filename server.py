@@ -866,7 +866,8 @@ class Hub:
         self._reads = 0  # members' reads heard since the last flush
         self._look = False  # the last flush carried several: look before the next
         self._pass_loop = loop if isinstance(loop, PassLoop) else None  # flush() runs by itself
-        self.direct_writes = self._pass_loop is not None  # Connection.send may use the socket
+        # Connection.send may write to the socket itself (a socket is a file there)
+        self.direct_writes = self._pass_loop is not None and os.name == "posix"
         if self._pass_loop is not None:
             self._pass_loop.before_poll.append(self.flush_pending)
         self.read_buffer = memoryview(bytearray(READ_BUFFER))
