@@ -673,10 +673,10 @@ class PassLoop(asyncio.SelectorEventLoop):
     more pass to handle it first. The Hub sets it when it has lines queued
     and its last write carried more than one read, so that senders whose
     lines arrive a few microseconds apart share one write per client instead
-    of each costing a round of writes; a lone sender is not kept waiting
-    for a look that finds nothing (it cost more than its system call). The hooks
-    wait at most one extra pass, however often it is set; it is cleared
-    when they run."""
+    of each costing a round of writes. A lone sender's lines are not held
+    for a look that would find nothing: side by side, that look cost more
+    than its system call. The hooks wait at most one extra pass, however
+    often it is set; it is cleared when they run."""
 
     def __init__(self) -> None:
         selector = _PollHookSelector()
@@ -791,11 +791,12 @@ class Connection(asyncio.BufferedProtocol):
         """Write `data` after everything written to this connection before.
 
         While the transport holds nothing of ours it goes straight to the
-        socket: one system call, without the transport's checks, which cost
-        about as much again as the call in a room of a hundred. The transport
-        takes what the socket does not, and any error, so that order, the
-        SendQ limit (pause_writing) and closing on a broken connection stay
-        its own. Only for plain sockets on asyncio's selector loop."""
+        socket: one system call without the transport's checks in front of
+        it (about 0.3 microseconds a write, paid for every member of a room
+        on every pass). The transport takes what the socket does not, and
+        any error, so that order, the SendQ limit (pause_writing) and
+        closing a broken connection stay its own. Only for plain sockets on
+        the PassLoop (Hub.direct_writes), never TLS."""
         if not self.clear:
             transport = self.transport
             assert transport is not None

@@ -150,7 +150,7 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
     return ours, theirs
 
 
-def test_other_loops_and_tls_keep_to_the_transport() -> None:
+def test_another_loop_keeps_to_the_transport() -> None:
     async def main() -> tuple[int, bool]:
         hub = server.Hub(server.Room("pw"), server.Limits(), io.BytesIO())
         conn, peer = await member(hub)
