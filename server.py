@@ -612,6 +612,10 @@ def parse_login(line: str) -> tuple[str, str] | None:
 
 LOOPBACK: Final = ("127.0.0.0/8", "::1/128")
 READ_BUFFER: Final = 256 << 10  # bytes read from a socket at once, as asyncio's own
+# How long room notices (joins, leaves) may wait to share a write when
+# nothing else is queued: in a storm of logins, one write per member per
+# wait instead of one per login (uvloop finishes about one login per pass).
+NOTICE_WAIT: Final = 0.005
 
 
 @dataclass(frozen=True)
@@ -652,7 +656,7 @@ class _PollHookSelector(selectors.DefaultSelector):
             for hook in loop.before_poll:
                 hook()
             if loop.scheduled:
-                timeout = 0  # the hooks queued callbacks: run them, don't sleep
+                timeout = 0  # the hooks queued callbacks or timers: look again, don't sleep
         return super().select(timeout)
 
 
@@ -664,9 +668,11 @@ class PassLoop(asyncio.SelectorEventLoop):
     callbacks, just before the next poll. The Hub writes there: once per pass,
     after every client whose data arrived in it has been heard, and without
     the extra poll that a flush scheduled with call_soon would cost. When a
-    hook schedules a callback (closing a transport does), that poll does not
-    block. The loop calls its selector's select() once per pass, after
-    running what was ready, on every Python this file supports.
+    hook schedules a callback (closing a transport does) or a timer (the
+    Hub's wait for more room notices), that poll does not block: the loop
+    has already chosen how long to sleep, without them. The loop calls its
+    selector's select() once per pass, after running what was ready, on
+    every Python this file supports.
 
     Setting `look_first` asks for one look before the hooks run: a poll that
     does not wait, and if anything has arrived since the pass began, one
@@ -690,6 +696,11 @@ class PassLoop(asyncio.SelectorEventLoop):
                   context: contextvars.Context | None = None) -> asyncio.Handle:
         self.scheduled = True
         return super().call_soon(callback, *args, context=context)
+
+    def call_at(self, when: float, callback: Callable[..., Any], *args: Any,  # type: ignore[override]
+                context: contextvars.Context | None = None) -> asyncio.TimerHandle:
+        self.scheduled = True
+        return super().call_at(when, callback, *args, context=context)
 
 
 def run_on_pass_loop(main: Coroutine[Any, Any, int]) -> int:
@@ -865,12 +876,14 @@ class Hub:
         self._loop = loop = asyncio.get_running_loop()
         self._scheduled = False  # something is queued that flush() has not written
         self._reads = 0  # members' reads heard since the last flush
+        self._urgent = False  # queued: more than room notices (flush at the pass end)
+        self._notices: asyncio.TimerHandle | None = None  # notices only, due then
         self._look = False  # the last flush carried several: look before the next
         self._pass_loop = loop if isinstance(loop, PassLoop) else None  # flush() runs by itself
         # Connection.send may write to the socket itself (a socket is a file there)
         self.direct_writes = self._pass_loop is not None and os.name == "posix"
         if self._pass_loop is not None:
-            self._pass_loop.before_poll.append(self.flush_pending)
+            self._pass_loop.before_poll.append(self.pass_end)
         self.read_buffer = memoryview(bytearray(READ_BUFFER))
         self._bcast: list[bytes] = []
         self._edits: dict[Connection, list[tuple[int, bytes | None]]] = {}
@@ -950,9 +963,10 @@ class Hub:
         shortcut (no values are built): a read of nothing else goes out as
         one broadcast, one encode and one skip for its sender."""
         name = conn.name
-        if name is None:
+        if name is None or not items:
             return
         self._reads += 1
+        self._urgent = True
         if self.submit is self._local and TOO_LONG not in items and FLOOD not in items:
             block = self.room.said_lines(name, items)  # type: ignore[arg-type]
             if block is not None:
@@ -967,6 +981,7 @@ class Hub:
     def received(self, conn: Connection, item: Received) -> None:
         name = conn.name
         if name is not None:
+            self._urgent = True
             if type(item) is str:
                 line = self.room.said_line(name, item) if self.submit is self._local else None
                 if line is None:
@@ -1012,6 +1027,8 @@ class Hub:
 
     def apply(self, inp: Input) -> None:
         """Apply one input to the room, in the order the room sees them."""
+        if type(inp) is Typed:  # (in a cluster, other servers' chat comes here)
+            self._urgent = True
         self.route(self.room.step(inp))
 
     # -- lines out ------------------------------------------------------------
@@ -1088,16 +1105,33 @@ class Hub:
                 if self._look:  # whoever else speaks meanwhile joins this flush
                     self._pass_loop.look_first = True
             else:
-                self._loop.call_soon(self.flush)
+                self._loop.call_soon(self.pass_end)
+
+    def pass_end(self) -> None:
+        """The end of a pass: write what it queued, unless that is room
+        notices alone; they wait up to NOTICE_WAIT for more, and go out at
+        once with anything else queued meanwhile."""
+        if not self._scheduled:
+            return
+        if self._urgent:
+            self.flush()
+            return
+        self._scheduled = False  # what is queued next schedules a pass end again
+        if self._notices is None:
+            self._notices = self._loop.call_later(NOTICE_WAIT, self.flush_pending)
 
     def flush_pending(self) -> None:
-        if self._scheduled:
+        """Write whatever is queued, now."""
+        if self._scheduled or self._notices is not None:
             self.flush()
 
     def flush(self) -> None:
         """Write everything queued in this pass: one write per connection."""
-        self._scheduled = False
+        self._scheduled = self._urgent = False
         self._look, self._reads = self._reads > 1, 0
+        if self._notices is not None:
+            self._notices.cancel()
+            self._notices = None
         bcast, edits, ranges = self._bcast, self._edits, self._ranges
         self._bcast, self._edits, self._ranges = [], {}, {}
         common = b"".join(bcast)

@@ -138,3 +138,43 @@ def test_the_hub_looks_for_more_input_only_after_a_write_that_carried_several_re
 
     asked = server.run_on_pass_loop(main())  # type: ignore[arg-type]
     assert asked == [False, False, True, False]
+
+
+def test_room_notices_alone_wait_a_moment_and_chat_takes_them_along() -> None:
+    """A pass that queued only join or leave notices writes them up to
+    NOTICE_WAIT later, so that a storm of logins shares writes; anything
+    else queued meanwhile takes them along at once, in order."""
+
+    async def main() -> list[bytes]:
+        hub = server.Hub(server.Room("pw"), server.Limits(), io.BytesIO(), now=lambda: NOW)
+        seen = []
+        conns, transports = [], []
+
+        async def login(name: str) -> None:
+            conn, tr = server.Connection(hub), FakeTransport()
+            conn.connection_made(tr)  # type: ignore[arg-type]
+            conn.data_received(f"LOGIN pw {name}\n".encode())
+            conns.append(conn)
+            transports.append(tr)
+            await asyncio.sleep(0)  # one pass
+
+        await login("alice")
+        await asyncio.sleep(server.NOTICE_WAIT * 2)
+        start = len(transports[0].data)
+        await login("bob")
+        seen.append(bytes(transports[0].data[start:]))  # after a pass: not yet
+        await asyncio.sleep(server.NOTICE_WAIT * 2)
+        seen.append(bytes(transports[0].data[start:]))  # after the wait: there
+        start = len(transports[0].data)
+        await login("carol")
+        conns[1].data_received(b"hi\n")  # chat in the next pass takes it along
+        await asyncio.sleep(0)
+        seen.append(bytes(transports[0].data[start:]))
+        for conn in conns:
+            if conn.timer is not None:
+                conn.timer.cancel()
+        return seen
+
+    seen = server.run_on_pass_loop(main())  # type: ignore[arg-type]
+    assert seen == [b"", b"bob joined the chatroom\n",
+                    b"carol joined the chatroom\nbob: hi\n"]

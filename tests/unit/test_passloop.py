@@ -180,3 +180,27 @@ def test_look_first_delays_the_hook_by_one_pass_at_most() -> None:
     # look is spent once, so the hook still runs every other pass.
     seen = late_arrival(look_first=True, more=4)
     assert seen[:6] == ["read 0", "read 1", "hook", "read 2", "read 3", "hook"]
+
+
+def test_a_timer_that_a_hook_sets_fires_without_another_event() -> None:
+    """The loop chose how long to sleep before the hooks ran: a timer one of
+    them sets must still fire on time (the Hub's wait for room notices)."""
+
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        fired: asyncio.Future[float] = loop.create_future()
+        armed: list[float] = []
+
+        def hook() -> None:
+            if not armed:
+                armed.append(loop.time())
+                loop.call_later(0.01, lambda: fired.set_result(loop.time()))
+
+        loop.before_poll.append(hook)
+        # The only other timer is wait_for's own: without the fix the poll
+        # sleeps until it, and this times out.
+        return await asyncio.wait_for(fired, 2.0) - armed[0]
+
+    waited = run(main)
+    assert isinstance(waited, float)
+    assert 0.009 < waited < 1.0
