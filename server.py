@@ -17,7 +17,8 @@ top to bottom:
    end of each pass: PassLoop), one Protocol per connection, the limits
    against hostile or broken clients, and write coalescing: what is due to
    one client in one pass of the loop goes out in one write, at the end of
-   the pass, and a broadcast is encoded and joined once for everyone.
+   the pass (room notices alone may wait a few milliseconds for more), and
+   a broadcast is encoded and joined once for everyone.
 3. THE COMMAND LINE.
 
 Rules this file keeps: the server's stdout carries only the contract's lines;
@@ -853,7 +854,9 @@ class Hub:
     into `_bcast`; what sets one connection's stream apart from everyone's
     (its own messages skipped, lines only for it, joining or leaving
     mid-pass) is an edit list. Everyone else is sent the same joined bytes:
-    one write per client per pass.
+    one write per client per pass. A pass that queued only room notices
+    (joins, leaves) leaves them for up to NOTICE_WAIT, so that a storm of
+    logins shares writes; anything else queued meanwhile takes them along.
     """
 
     def __init__(self, room: Room, limits: Limits, out: BinaryIO, now: Any = time.time,
