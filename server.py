@@ -1129,7 +1129,8 @@ class Hub:
             self.flush()
 
     def flush(self) -> None:
-        """Write everything queued in this pass: one write per connection."""
+        """Write everything queued (this pass's lines, and any room notices
+        that were waiting): one write per connection."""
         self._scheduled = self._urgent = False
         self._look, self._reads = self._reads > 1, 0
         if self._notices is not None:
