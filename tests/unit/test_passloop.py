@@ -25,6 +25,17 @@ def run(main: Callable[[], object]) -> object:
     return server.run_on_pass_loop(wrapper())  # type: ignore[arg-type]
 
 
+def run_closing(pairs: list[tuple[socket.socket, socket.socket]],
+                main: Callable[[], object]) -> None:
+    """run(main), then close the socket pairs it used, whatever happened."""
+    try:
+        run(main)
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
 def test_the_hook_runs_after_every_ready_callback_of_the_pass() -> None:
     seen: list[str] = []
 
@@ -70,12 +81,7 @@ def test_data_on_two_sockets_in_one_pass_is_heard_before_the_hook() -> None:
         loop.before_poll.append(end_of_pass)
         await done
 
-    try:
-        run(main)
-    finally:
-        for a, b in pairs:
-            a.close()
-            b.close()
+    run_closing(pairs, main)
     assert sorted(seen[:2]) == ["read 0", "read 1"]
     assert seen[2] == "end of pass"
 
@@ -161,12 +167,7 @@ def late_arrival(look_first: bool, more: int = 1) -> list[str]:
         for a, _ in pairs:
             loop.remove_reader(a)
 
-    try:
-        run(main)
-    finally:
-        for a, b in pairs:
-            a.close()
-            b.close()
+    run_closing(pairs, main)
     return seen
 
 
