@@ -1280,6 +1280,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("-redis", metavar="URL",
                    help="join the cluster at this Redis URL, e.g. redis://127.0.0.1:6379/0 "
                         "(needs chatroom_ext and the redis package)")
+    p.add_argument("-redis-backlog", type=positive(int), default=10_000, metavar="LINES",
+                   help="with -redis: at most this many of this server's lines wait to be "
+                        "written to Redis (while it is away); more are refused (default 10000)")
     p.add_argument("-uvloop", action="store_true",
                    help="run on uvloop (needs chatroom_ext and the uvloop package)")
     return p
@@ -1369,7 +1372,8 @@ async def serve(args: argparse.Namespace, limits: Limits, tls: ssl.SSLContext | 
     fd_limit = raise_open_file_limit()
     loop.set_exception_handler(loop_error_handler(fd_limit))
     hub = Hub(Room(args.passcode), limits, sys.stdout.buffer)
-    cluster = await cluster_module.attach(hub, args.redis) if cluster_module else None
+    cluster = (await cluster_module.attach(hub, args.redis, args.redis_backlog)
+               if cluster_module else None)
     try:
         server = await loop.create_server(
             lambda: Connection(hub), args.host, args.port, family=socket.AF_UNSPEC,

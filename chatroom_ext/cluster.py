@@ -68,6 +68,7 @@ SOCKET_TIMEOUT = 5.0
 READ_BLOCK_MS = 2000  # < SOCKET_TIMEOUT
 READ_COUNT = 1000
 BATCH = 256  # outbox entries per SUBMIT call
+BACKLOG = 10_000  # this server's lines that may wait for Redis (-redis-backlog)
 STREAM_MAXLEN = 100_000  # entries kept (approximately) in the stream
 CLOSE_WAIT = 3.0  # seconds close() waits for the last entries to be written
 
@@ -241,9 +242,13 @@ def say(line: str) -> None:
 class Cluster:
     """This server's link to the shared log: outbox, writer, reader, heartbeat."""
 
-    def __init__(self, hub: Any, url: str, client: Any) -> None:
+    def __init__(self, hub: Any, url: str, client: Any, backlog: int = BACKLOG) -> None:
         self.hub = hub
+        self.backlog = backlog
         core = sys.modules[type(hub).__module__]  # __main__ when run as a script
+        self.Fail: Any = core.Fail
+        self.Exit: Any = core.Exit
+        self.parse_command: Callable[[str], Any] = core.parse_command
         self.Joining: Any = core.Joining
         self.Typed: Any = core.Typed
         self.Gone: Any = core.Gone
@@ -283,7 +288,15 @@ class Cluster:
 
     def submit(self, inp: Any) -> None:
         """hub.submit: queue `inp` for the stream (and, while Redis is away,
-        show it here at once unless it is a login)."""
+        show it here at once unless it is a login). A member's line is
+        refused while `backlog` entries already wait (Redis away or slow),
+        unless it is :Exit; logins and leaves are bounded by the connections."""
+        if (isinstance(inp, self.Typed) and len(self.outbox) >= self.backlog
+                and type(self.parse_command(inp.text)) is not self.Exit):
+            self.hub.route([self.Fail(inp.name, "backlog",
+                                      "Too many lines wait for the room's log; "
+                                      "this one was not sent")])
+            return
         if isinstance(inp, self.Typed):
             kind, x, t = "T", inp.text, repr(inp.now)
         elif isinstance(inp, self.Joining):
@@ -575,7 +588,7 @@ class Cluster:
             pass
 
 
-async def attach(hub: Any, url: str) -> Cluster:
+async def attach(hub: Any, url: str, backlog: int = BACKLOG) -> Cluster:
     """Join the cluster at `url`: from now on hub.submit writes to Redis and
     every server applies what any of them wrote. Exits with one line on
     stderr if Redis cannot be reached."""
@@ -586,7 +599,7 @@ async def attach(hub: Any, url: str) -> Cluster:
     except ValueError as exc:
         say(f"error: -redis {redact(url)}: {exc}")
         raise SystemExit(2) from None
-    cluster = Cluster(hub, url, client)
+    cluster = Cluster(hub, url, client, backlog)
     try:
         await asyncio.wait_for(cluster.sync(), 3 * SOCKET_TIMEOUT)
     except (RedisError, OSError, asyncio.TimeoutError) as exc:

@@ -153,11 +153,11 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
-    def start_server(self) -> int:
-        """Start one more server on the cluster; its index."""
+    def start_server(self, *extra: str) -> int:
+        """Start one more server on the cluster (with `extra` flags); its index."""
         i = len(self.servers)
         proc = self.spawn_server("-start", "-port", "0", "-passcode", PASSCODE,
-                                 "-redis", self.url, label=f"server{i}")
+                                 "-redis", self.url, *extra, label=f"server{i}")
         first = proc.next_line()
         m = START_RE.fullmatch(first or "")
         if m is None:

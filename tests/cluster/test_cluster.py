@@ -360,6 +360,52 @@ def test_redis_down_longer_than_the_heartbeat(persistent_redis: RedisServer) -> 
     restart_redis_test(persistent_redis, hold=7)
 
 
+def test_a_full_backlog_refuses_lines_but_not_exit(persistent_redis: RedisServer) -> None:
+    """-redis-backlog bounds what waits for Redis: past it a line is refused
+    (and never reaches anyone, then or later); :Exit still goes through."""
+    redis = persistent_redis
+    cluster = Cluster(redis.url)
+    try:
+        cluster.start_server("-redis-backlog", "3")
+        cluster.start_server()
+        s0, s1 = cluster.servers
+        alice = cluster.nc_join("alice", 0)
+        carol = cluster.nc_join("carol", 0)  # on alice's server
+        bob = cluster.nc_join("bob", 1)
+        redis.stop()
+        for server in cluster.live():
+            server.expect_err_line()  # "lost Redis ..."
+        kept = [f"alice: kept {i}" for i in range(3)]
+        for i in range(3):
+            alice.send(f"kept {i}")
+        for line in kept:
+            s0.expect(line)
+            carol.expect(line)
+        alice.send("refused")
+        alice.expect(":error backlog Too many lines wait for the room's log; "
+                     "this one was not sent")
+        alice.send(":Exit")
+        alice.expect(":bye")
+        s0.expect("alice left the chatroom")
+        carol.expect("alice left the chatroom")
+        redis.start()
+        for server in cluster.live():
+            server.expect_err_line(timeout=15)  # "Redis is back ..."
+        for who in (s1, bob):
+            for line in kept:
+                who.expect(line, timeout=15)
+            who.expect("alice left the chatroom")
+        carol.send("barrier")  # nothing of "refused" came before it
+        for who in (s0, s1):
+            who.expect("carol: barrier")
+        bob.expect("carol: barrier")
+        cluster.members = [carol, bob]
+        cluster.assert_quiet()
+    finally:
+        bad = cluster.close()
+    assert not bad, "a process printed a traceback:\n" + "\n".join(bad)
+
+
 # ---------------------------------------------------------------------------
 # The command line around -redis
 # ---------------------------------------------------------------------------

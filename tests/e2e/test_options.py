@@ -112,6 +112,7 @@ def test_shutdown_tells_raw_connections(room: Room, sig: signal.Signals) -> None
         pytest.param(["-max-clients", "x"], id="max-clients-not-a-number"),
         pytest.param(["-login-timeout", "-1"], id="negative-timeout"),
         pytest.param(["-exempt", "not-a-net"], id="bad-exempt"),
+        pytest.param(["-redis-backlog", "0"], id="redis-backlog-zero"),
         pytest.param(
             ["-tls-cert", "/nonexistent.pem", "-tls-key", "/nonexistent.key"],
             id="missing-tls-files",
