@@ -55,6 +55,7 @@ MAX_LINE = 64 * 1024  # longest line accepted from the server, in bytes
 RECV_SIZE = 64 * 1024
 CONNECT_TIMEOUT = 10.0  # seconds, for the TCP connect and the TLS handshake
 LOGIN_TIMEOUT = 30.0  # seconds to wait for the answer to LOGIN
+PROTOCOL = "chatroom 1"  # what :hello must say (docs/PROTOCOL.md, "Stability")
 LEAVE_TIMEOUT = 3.0  # seconds to wait for :bye after a signal
 EXIT = b":Exit"  # the line that leaves the room
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -472,6 +473,10 @@ def log_in(sock: socket.socket, settings: Settings, splitter: LineSplitter) -> N
                 if not data:
                     break
                 splitter.feed(data)
+            elif event.kind is Kind.HELLO and event.text != PROTOCOL:
+                greeting = " ".join((":hello", sanitize(event.text))).rstrip()
+                raise Failure(f"{where} greeted with '{greeting}'; "
+                              f"this client speaks '{PROTOCOL}'")
             elif event.kind is Kind.OK:
                 return
             elif event.kind is Kind.ERROR:

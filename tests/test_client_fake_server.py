@@ -307,6 +307,20 @@ def test_refused_login_prints_the_text_on_stderr(
     assert chat_client.finish() == Result(1, [], [text])
 
 
+@pytest.mark.parametrize("hello", [":hello chatroom 2", ":hello ircd 1", ":hello"])
+def test_another_protocol_in_hello_is_one_line_and_status_1(
+    server: FakeServer, start_client: StartClient, hello: str
+) -> None:
+    chat_client = start_client()
+    peer = server.accept()
+    peer.line()
+    peer.send(hello, ":ok alice")  # not read: the greeting already ended the login
+    result = chat_client.finish()
+    assert (result.status, result.stdout, len(result.stderr)) == (1, [], 1)
+    assert f"greeted with '{hello}'" in result.stderr[0]
+    assert "this client speaks 'chatroom 1'" in result.stderr[0]
+
+
 def test_connection_closed_before_ok_hints_at_tls(
     server: FakeServer, start_client: StartClient
 ) -> None:
