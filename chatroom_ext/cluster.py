@@ -68,7 +68,6 @@ SOCKET_TIMEOUT = 5.0
 READ_BLOCK_MS = 2000  # < SOCKET_TIMEOUT
 READ_COUNT = 1000
 BATCH = 256  # outbox entries per SUBMIT call
-BACKLOG = 10_000  # this server's lines that may wait for Redis (-redis-backlog)
 STREAM_MAXLEN = 100_000  # entries kept (approximately) in the stream
 CLOSE_WAIT = 3.0  # seconds close() waits for the last entries to be written
 
@@ -242,9 +241,9 @@ def say(line: str) -> None:
 class Cluster:
     """This server's link to the shared log: outbox, writer, reader, heartbeat."""
 
-    def __init__(self, hub: Any, url: str, client: Any, backlog: int = BACKLOG) -> None:
+    def __init__(self, hub: Any, url: str, client: Any, backlog: int) -> None:
         self.hub = hub
-        self.backlog = backlog
+        self.backlog = backlog  # this server's lines that may wait for Redis (-redis-backlog)
         core = sys.modules[type(hub).__module__]  # __main__ when run as a script
         self.Fail: Any = core.Fail
         self.Exit: Any = core.Exit
@@ -588,9 +587,10 @@ class Cluster:
             pass
 
 
-async def attach(hub: Any, url: str, backlog: int = BACKLOG) -> Cluster:
+async def attach(hub: Any, url: str, backlog: int) -> Cluster:
     """Join the cluster at `url`: from now on hub.submit writes to Redis and
-    every server applies what any of them wrote. Exits with one line on
+    every server applies what any of them wrote; at most `backlog` of this
+    server's lines wait to be written. Exits with one line on
     stderr if Redis cannot be reached."""
     try:
         client = aioredis.from_url(
