@@ -103,6 +103,10 @@ class Grid:
     sampled: int  # receivers that parse every line (closed loop)
     paced_sampled: int = 32  # ... in the paced runs, where parsing costs little
     paced_reps: int = 5  # paced runs per cell, servers taking turns; the median p99 is kept
+    # ... and where a run is short (N <= small_n) more of them: a small room's
+    # p99 is a few hundred microseconds, so the machine's noise is largest there
+    paced_reps_small: int = 9
+    small_n: int = 100
     paced_duration: float = 3.0
     join_burst: int = 200
     join_steady: int = 8  # ngircd listens with a backlog of 10: more drops SYNs
@@ -113,7 +117,7 @@ FULL = Grid(receivers=[10, 100, 1000], senders=[1, 4], modes=["closed", "paced"]
             sampled=8)
 QUICK = Grid(receivers=[5], senders=[1, 2], modes=["closed", "paced"], window=16,
              rate=5_000, duration=0.4, warmup=0.2, joins=0, joins_both=40, procs=1, sampled=3,
-             paced_sampled=3, paced_reps=1, paced_duration=0.4)
+             paced_sampled=3, paced_reps=1, paced_reps_small=1, paced_duration=0.4)
 
 UVLOOP_BURST = 2000  # clients in uvloop's many-clients burst (see run_grid)
 
@@ -225,7 +229,8 @@ def run_grid(servers: list[str], grid: Grid, args: argparse.Namespace) -> dict[s
     for n in grid.receivers:
         for s in grid.senders:
             for mode in grid.modes:
-                reps = grid.paced_reps if mode == "paced" else 1
+                reps = 1 if mode != "paced" else (
+                    grid.paced_reps_small if n <= grid.small_n else grid.paced_reps)
                 done: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
                 for k in range(reps):  # the servers take turns
                     for name in servers:
