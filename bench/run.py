@@ -525,7 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in servers if s not in ("ours", "ngircd")]
     if bad:
         ap.error(f"unknown server(s): {', '.join(bad)}")
-    if args.uvloop:
+    if os.sep in args.uvloop_python:  # the servers run in a folder of their own
+        args.uvloop_python = os.path.abspath(args.uvloop_python)  # (not resolve(): a venv's
+    if args.uvloop:                                              # python is a symlink)
         probe = subprocess.run([args.uvloop_python, "-c", "import uvloop"],
                                capture_output=True, timeout=30)
         if probe.returncode == 0:
