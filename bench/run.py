@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run our server and ngircd through the same grid, side by side.
 
-    python3 bench/run.py                    # the full grid (about 10 minutes)
+    python3 bench/run.py                    # the full grid (about 11 minutes)
     python3 bench/run.py --quick            # tiny sizes, a few seconds
     python3 bench/run.py --servers ours     # our server only (no apt-get needed)
     python3 bench/run.py --uvloop           # also our server on uvloop, if installed
@@ -14,7 +14,8 @@ reach everyone who joined before, and the server's memory per idle client is
 (RSS after - RSS before) / clients. Each cell starts a fresh server.
 
 Prints tables with ratios (ours / ngircd) and writes JSON to
-bench/results/<timestamp>.json and bench/results/latest.json.
+bench/results/<timestamp>.json and bench/results/latest.json (a --quick run:
+bench/results/<timestamp>-quick.json only).
 """
 
 from __future__ import annotations
@@ -51,7 +52,10 @@ class OurServer(ircd.ServerProcess):
     def __init__(self, python: str = sys.executable, uvloop: bool = False,
                  cpus: set[int] | None = None, script: Path | None = None) -> None:
         super().__init__(cpus)
-        self.python, self.uvloop = python, uvloop
+        # The server runs in a folder of its own, so a relative path is made
+        # absolute (abspath, not resolve: a venv's python is a symlink).
+        self.python = os.path.abspath(python) if os.sep in python else python
+        self.uvloop = uvloop
         self.script = script or ROOT / "server.py"
 
     def start(self) -> OurServer:
@@ -525,9 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in servers if s not in ("ours", "ngircd")]
     if bad:
         ap.error(f"unknown server(s): {', '.join(bad)}")
-    if os.sep in args.uvloop_python:  # the servers run in a folder of their own
-        args.uvloop_python = os.path.abspath(args.uvloop_python)  # (not resolve(): a venv's
-    if args.uvloop:                                              # python is a symlink)
+    if args.uvloop:
         probe = subprocess.run([args.uvloop_python, "-c", "import uvloop"],
                                capture_output=True, timeout=30)
         if probe.returncode == 0:
@@ -586,11 +588,15 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     text = json.dumps(result, indent=1, default=str)
-    for path in (out / f"{stamp}{'-quick' if args.quick else ''}.json", out / "latest.json"):
+    # A quick run (a check that the bench works) leaves latest.json, which
+    # the plot and docs/PERFORMANCE.md are drawn from, to real runs.
+    paths = [out / f"{stamp}-quick.json"] if args.quick else [out / f"{stamp}.json",
+                                                               out / "latest.json"]
+    for path in paths:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(text)
         tmp.replace(path)
-    print(f"\nwrote {out / 'latest.json'} ({info['wall_s']} s)")
+    print(f"\nwrote {paths[-1]} ({info['wall_s']} s)")
     errors = [r for r in data["runs"] + data["joins"] if "error" in r]
     return 1 if errors else 0
 

@@ -51,8 +51,6 @@ def main(argv: list[str] | None = None) -> int:
         entries.append(("ngircd", "ngircd", None))
     if not entries:
         ap.error("nothing to run: give server.py copies and/or --ngircd")
-    if os.sep in a.uvloop_python:  # the servers run in a folder of their own
-        a.uvloop_python = os.path.abspath(a.uvloop_python)  # (a venv's python is a symlink)
     cpus = sorted(os.sched_getaffinity(0))
     grid = run.QUICK if a.quick else run.FULL
     reps = 1 if a.quick else a.reps

@@ -23,11 +23,11 @@ def test_bench_quick_runs_and_writes_json(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
 
-    latest = tmp_path / "latest.json"
-    assert latest.is_file()
-    stamped = [p for p in tmp_path.glob("*.json") if p.name != "latest.json"]
-    assert len(stamped) == 1
-    data = json.loads(latest.read_text())
+    # A quick run writes its own file only: latest.json is for real runs.
+    assert not (tmp_path / "latest.json").exists()
+    [stamped] = tmp_path.glob("*.json")
+    assert stamped.name.endswith("-quick.json"), stamped.name
+    data = json.loads(stamped.read_text())
     assert set(data) >= {"meta", "runs", "joins", "comparison", "targets"}
     assert data["meta"]["quick"] is True and data["meta"]["servers"] == ["ours"]
 
