@@ -17,8 +17,9 @@ top to bottom:
    end of each pass: PassLoop), one Protocol per connection, the limits
    against hostile or broken clients, and write coalescing: what is due to
    one client in one pass of the loop goes out in one write, at the end of
-   the pass (room notices alone may wait a few milliseconds for more), and
-   a broadcast is encoded and joined once for everyone.
+   the pass (at once when the pass has only one read; room notices alone
+   may wait a few milliseconds for more), and a broadcast is encoded and
+   joined once for everyone.
 3. THE COMMAND LINE.
 
 Rules this file keeps: the server's stdout carries only the contract's lines;
@@ -651,6 +652,7 @@ class _PollHookSelector(selectors.DefaultSelector):
                 ready = super().select(0)
                 if ready:
                     self.looked = True  # and then the hooks, whatever arrives next
+                    loop.lone = False
                     return ready
             self.looked = loop.look_first = False
             loop.scheduled = False
@@ -658,7 +660,10 @@ class _PollHookSelector(selectors.DefaultSelector):
                 hook()
             if loop.scheduled:
                 timeout = 0  # the hooks queued callbacks or timers: look again, don't sleep
-        return super().select(timeout)
+        ready = super().select(timeout)
+        if loop is not None:
+            loop.lone = len(ready) == 1
+        return ready
 
 
 class PassLoop(asyncio.SelectorEventLoop):
@@ -683,7 +688,13 @@ class PassLoop(asyncio.SelectorEventLoop):
     of each costing a round of writes. A lone sender's lines are not held
     for a look that would find nothing: side by side, that look cost more
     than its system call. The hooks wait at most one extra pass, however
-    often it is set; it is cleared when they run."""
+    often it is set; it is cleared when they run.
+
+    `lone` is True while the pass's poll returned a single event: no other
+    read in this pass can share a write with the one being handled, so the
+    Hub may write a member's lines as soon as it has heard them, without
+    waiting for the end of the pass (Connection.data_received). Whoever
+    writes early clears it: at most one early write per pass."""
 
     def __init__(self) -> None:
         selector = _PollHookSelector()
@@ -692,6 +703,7 @@ class PassLoop(asyncio.SelectorEventLoop):
         self.before_poll: list[Callable[[], None]] = []
         self.scheduled = False
         self.look_first = False
+        self.lone = False
 
     def call_soon(self, callback: Callable[..., Any], *args: Any,  # type: ignore[override]
                   context: contextvars.Context | None = None) -> asyncio.Handle:
@@ -766,6 +778,7 @@ class Connection(asyncio.BufferedProtocol):
         items = self.reader.feed(data)
         if self.name is not None:
             self.hub.heard(self, items)
+            self.hub.read_done()
             return
         for item in items:
             if self.dead or self.close_after_flush:
@@ -849,7 +862,8 @@ class Hub:
     Deliveries are queued for the current pass of the event loop and written
     by flush() at its end: on a PassLoop just before the loop polls again
     (after one look for lines that arrived meanwhile, when the last flush
-    carried more than one read: PassLoop.look_first),
+    carried more than one read: PassLoop.look_first), or as soon as a
+    member's read is heard when it is the pass's only event (read_done),
     elsewhere (uvloop) by a callback scheduled once per pass. A broadcast goes
     into `_bcast`; what sets one connection's stream apart from everyone's
     (its own messages skipped, lines only for it, joining or leaving
@@ -980,6 +994,16 @@ class Hub:
             if conn.dead or conn.close_after_flush:
                 break
             self.received(conn, item)
+
+    def read_done(self) -> None:
+        """A member's read has been heard. When it is the only read of this
+        pass (PassLoop.lone) and no run of several senders is being gathered
+        (look_first), what it queued is written now instead of at the end of
+        the pass: nothing else in the pass could share that write."""
+        loop = self._pass_loop
+        if loop is not None and loop.lone and not self._look:
+            loop.lone = False
+            self.pass_end()
 
     def received(self, conn: Connection, item: Received) -> None:
         name = conn.name

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
 
 import pytest
 from hypothesis import given, settings
@@ -138,6 +139,115 @@ def test_the_hub_looks_for_more_input_only_after_a_write_that_carried_several_re
 
     asked = server.run_on_pass_loop(main())  # type: ignore[arg-type]
     assert asked == [False, False, True, False]
+
+
+def test_a_pass_with_one_read_writes_it_at_once_and_two_reads_share_the_pass_end() -> None:
+    """When a pass's poll returns one member's read and nothing else, the Hub
+    writes what it queued as soon as it is heard (PassLoop.lone), not at the
+    end of the pass. Two reads in one pass still share one write at its end.
+    Real sockets, so that the poll really returns one event or two."""
+
+    async def main() -> tuple[list[bool], list[int], list[bytes]]:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, server.PassLoop)
+        hub = server.Hub(server.Room("pw"), server.Limits(), io.BytesIO(), now=lambda: NOW)
+        listener = await loop.create_server(lambda: server.Connection(hub), "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        flushes = [0]
+        real_flush = hub.flush
+
+        def counting_flush() -> None:
+            flushes[0] += 1
+            real_flush()
+
+        hub.flush = counting_flush  # type: ignore[method-assign]
+        pending = []  # at each pass end, before the Hub's hook: was anything left to write?
+        loop.before_poll.insert(0, lambda: pending.append(hub._scheduled))
+        clients = []
+        got: list[bytes] = []
+
+        async def until(k: int, want: bytes) -> None:
+            for _ in range(2000):
+                try:
+                    got[k] += clients[k].recv(65536)
+                except BlockingIOError:
+                    pass
+                if want in got[k]:
+                    return
+                await asyncio.sleep(0.001)
+            raise AssertionError(f"client {k} never got {want!r}: {got[k]!r}")
+
+        for k, name in enumerate(("alice", "bob")):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no line held back
+            sock.setblocking(False)
+            clients.append(sock)
+            got.append(b"")
+            sock.send(f"LOGIN pw {name}\n".encode())
+            await until(k, f":ok {name}\n".encode())
+        await until(0, b"bob joined the chatroom\n")
+        await asyncio.sleep(server.NOTICE_WAIT * 2)  # nothing left waiting
+        results = []
+        for sends in ([(0, b"one\n")], [(0, b"two\n"), (1, b"three\n")], [(0, b"four\n")]):
+            del pending[:]
+            flushes[0] = 0
+            got[0] = got[1] = b""
+            for k, data in sends:  # all sent before the loop polls again
+                clients[k].send(data)
+            await until(1, b"alice: " + sends[0][1])
+            if len(sends) > 1:
+                await until(0, b"bob: three\n")
+            results.append((True in pending, flushes[0]))
+        for sock in clients:
+            sock.close()
+        listener.close()
+        for conn in list(hub.connections):
+            if conn.timer is not None:
+                conn.timer.cancel()
+        return [r[0] for r in results], [r[1] for r in results], [got[0], got[1]]
+
+    left, flushes, last = server.run_on_pass_loop(main())  # type: ignore[arg-type]
+    # One read: written while it was heard, so no pass ended with it pending.
+    # Two reads: the pass ended with them pending, and one flush wrote both.
+    # One read right after that: the Hub gathers several senders now
+    # (look_first), so it waits for the end of the pass too.
+    assert left == [False, True, True]
+    assert flushes == [1, 1, 1]
+    assert last == [b"", b"alice: four\n"]
+
+
+def test_only_the_first_read_of_a_lone_pass_is_written_early() -> None:
+    """A TLS connection can hand over several reads in one pass; the early
+    write is for the first, the rest wait for the end of the pass."""
+
+    async def main() -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, server.PassLoop)
+        hub = server.Hub(server.Room("pw"), server.Limits(), io.BytesIO(), now=lambda: NOW)
+        conns, transports = [], []
+        for name in ("alice", "bob"):
+            conn, tr = server.Connection(hub), FakeTransport()
+            conn.connection_made(tr)  # type: ignore[arg-type]
+            conn.data_received(f"LOGIN pw {name}\n".encode())
+            await asyncio.sleep(server.NOTICE_WAIT * 2)
+            conns.append(conn)
+            transports.append(tr)
+        start = len(transports[1].data)
+        seen = []
+        loop.lone = True  # as if this pass's poll had returned one event
+        conns[0].data_received(b"a\n")
+        seen.append(bytes(transports[1].data[start:]))
+        conns[0].data_received(b"b\n")
+        seen.append(bytes(transports[1].data[start:]))
+        await asyncio.sleep(0)  # the end of the pass
+        seen.append(bytes(transports[1].data[start:]))
+        for conn in conns:
+            if conn.timer is not None:
+                conn.timer.cancel()
+        return seen
+
+    seen = server.run_on_pass_loop(main())  # type: ignore[arg-type]
+    assert seen == [b"alice: a\n", b"alice: a\n", b"alice: a\nalice: b\n"]
 
 
 def test_room_notices_alone_wait_a_moment_and_chat_takes_them_along() -> None:
