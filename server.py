@@ -693,8 +693,8 @@ class PassLoop(asyncio.SelectorEventLoop):
     `lone` is True while the pass's poll returned a single event: no other
     read in this pass can share a write with the one being handled, so the
     Hub may write a member's lines as soon as it has heard them, without
-    waiting for the end of the pass (Connection.data_received). Whoever
-    writes early clears it: at most one early write per pass."""
+    waiting for the end of the pass (Hub.read_done). Whoever writes early
+    clears it: at most one early write per pass."""
 
     def __init__(self) -> None:
         selector = _PollHookSelector()
