@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import socket
+from collections.abc import Iterable
 
 import pytest
 from hypothesis import given, settings
@@ -40,6 +41,13 @@ class FakeTransport:
 
     def close(self) -> None:
         self.closed = True
+
+
+def cancel_login_timers(conns: Iterable[server.Connection]) -> None:
+    """The login timers of connections a test leaves open, so the loop can close."""
+    for conn in list(conns):
+        if conn.timer is not None:
+            conn.timer.cancel()
 
 
 def run_room(reads: list[tuple[int, bytes]], flush_each: bool) -> tuple[list[bytes], bytes]:
@@ -132,9 +140,7 @@ def test_the_hub_looks_for_more_input_only_after_a_write_that_carried_several_re
                 conns[k].data_received(data)
             asked.append(loop.look_first)
             await asyncio.sleep(0)
-        for conn in conns:
-            if conn.timer is not None:
-                conn.timer.cancel()
+        cancel_login_timers(conns)
         return asked
 
     asked = server.run_on_pass_loop(main())  # type: ignore[arg-type]
@@ -201,9 +207,7 @@ def test_a_pass_with_one_read_writes_it_at_once_and_two_reads_share_the_pass_end
         for sock in clients:
             sock.close()
         listener.close()
-        for conn in list(hub.connections):
-            if conn.timer is not None:
-                conn.timer.cancel()
+        cancel_login_timers(hub.connections)
         return [r[0] for r in results], [r[1] for r in results], [got[0], got[1]]
 
     left, flushes, last = server.run_on_pass_loop(main())  # type: ignore[arg-type]
@@ -241,9 +245,7 @@ def test_only_the_first_read_of_a_lone_pass_is_written_early() -> None:
         seen.append(bytes(transports[1].data[start:]))
         await asyncio.sleep(0)  # the end of the pass
         seen.append(bytes(transports[1].data[start:]))
-        for conn in conns:
-            if conn.timer is not None:
-                conn.timer.cancel()
+        cancel_login_timers(conns)
         return seen
 
     seen = server.run_on_pass_loop(main())  # type: ignore[arg-type]
@@ -280,9 +282,7 @@ def test_room_notices_alone_wait_a_moment_and_chat_takes_them_along() -> None:
         conns[1].data_received(b"hi\n")  # chat in the next pass takes it along
         await asyncio.sleep(0)
         seen.append(bytes(transports[0].data[start:]))
-        for conn in conns:
-            if conn.timer is not None:
-                conn.timer.cancel()
+        cancel_login_timers(conns)
         return seen
 
     seen = server.run_on_pass_loop(main())  # type: ignore[arg-type]
