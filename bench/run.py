@@ -227,6 +227,13 @@ def median_run(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return best
 
 
+def rotated(items: list[Any], k: int) -> list[Any]:
+    """`items` starting from its k-th (modulo its length): in repeated runs,
+    no server always runs first, right after a different kind of cell."""
+    k %= len(items) or 1
+    return items[k:] + items[:k]
+
+
 def run_grid(servers: list[str], grid: Grid, args: argparse.Namespace) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     joins: list[dict[str, Any]] = []
@@ -236,8 +243,8 @@ def run_grid(servers: list[str], grid: Grid, args: argparse.Namespace) -> dict[s
                 reps = 1 if mode != "paced" else (
                     grid.paced_reps_small if n <= grid.small_n else grid.paced_reps)
                 done: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
-                for k in range(reps):  # the servers take turns
-                    for name in servers:
+                for k in range(reps):  # the servers take turns, each going first in turn
+                    for name in rotated(servers, k):
                         row = run_cell(name, n, s, mode, grid, args)
                         done[name].append(row)
                         tag = f" ({k + 1}/{reps})" if reps > 1 else ""

@@ -8,7 +8,8 @@
 For trying a change to server.py before it lands: each file is a whole
 server.py. Every cell runs on a fresh server with the same method as
 bench/run.py (pinning, quiet-wait, retries); the variants take turns within
-each repetition, so slow drifts of the machine hit all of them alike. It
+each repetition, each going first in turn, so slow drifts of the machine
+hit all of them alike. It
 prints each run and then the median per variant, and writes the rows as JSON
 (--out). Latency tails on a shared machine vary from run to run: compare
 medians over several repetitions, not single runs.
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for s in (int(x) for x in a.senders.split(",")):
         for rep in range(reps):
-            for label, kind, path in entries:
+            for label, kind, path in run.rotated(entries, rep):
                 args.script = path
                 row = run.run_cell(kind, a.receivers, s, a.mode, grid, args)
                 row.update(variant=label, rep=rep)

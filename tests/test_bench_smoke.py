@@ -90,3 +90,18 @@ def test_pooled_percentiles_match_the_samples_within_a_bucket() -> None:
     for q, got in zip((0.5, 0.99), loadgen.pooled_percentiles(hists, (0.5, 0.99)), strict=True):
         exact = everything[int(q * len(everything))] / 1000.0
         assert abs(got - exact) <= 0.01 * exact, (q, got, exact)
+
+
+def test_each_server_goes_first_in_turn() -> None:
+    """Repeated runs of a cell rotate the servers' order, so that none always
+    runs first, right after a cell of another kind."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import run
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    servers = ["ours", "ours-uvloop", "ngircd"]
+    orders = [run.rotated(servers, k) for k in range(4)]
+    assert orders == [["ours", "ours-uvloop", "ngircd"], ["ours-uvloop", "ngircd", "ours"],
+                      ["ngircd", "ours", "ours-uvloop"], ["ours", "ours-uvloop", "ngircd"]]
+    assert run.rotated([], 3) == []
