@@ -3,14 +3,25 @@ apt-get) and writes its JSON. It asserts no timings: the machine is shared."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench_module(name: str) -> Any:
+    """A module of bench/ (they import each other by their plain names)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
 
 
 @pytest.mark.slow
@@ -79,11 +90,7 @@ def test_variants_runs_copies_of_server_py_side_by_side(tmp_path: Path) -> None:
 
 
 def test_pooled_percentiles_match_the_samples_within_a_bucket() -> None:
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import loadgen
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    loadgen = bench_module("loadgen")
     runs = [[1_000 * (k % 97 + 1) for k in range(500)], [250_000] * 10 + [40_000] * 490]
     hists = [loadgen.latency_histogram(samples) for samples in runs]
     everything = sorted(ns for samples in runs for ns in samples)
@@ -95,11 +102,7 @@ def test_pooled_percentiles_match_the_samples_within_a_bucket() -> None:
 def test_each_server_goes_first_in_turn() -> None:
     """Repeated runs of a cell rotate the servers' order, so that none always
     runs first, right after a cell of another kind."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import run
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    run = bench_module("run")
     servers = ["ours", "ours-uvloop", "ngircd"]
     orders = [run.rotated(servers, k) for k in range(4)]
     assert orders == [["ours", "ours-uvloop", "ngircd"], ["ours-uvloop", "ngircd", "ours"],
