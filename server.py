@@ -147,9 +147,15 @@ class LineReader:
         self._skipped = -1  # bytes of an over-long line dropped so far; -1: none
         self._flooded = False
 
+    def whole(self, chunk: bytes | memoryview) -> bool:
+        """Is `chunk` whole lines, none too long, with nothing held before it?
+        Then feed(chunk) gives exactly its lines, and changes nothing here: a
+        caller may take such a chunk as it is, without feeding it."""
+        return (len(chunk) <= self.max_line + 1 and chunk[-1:] == b"\n" and not self._buf
+                and self._skipped < 0 and not self._flooded)
+
     def feed(self, chunk: bytes | memoryview) -> list[Received]:
-        if (len(chunk) <= self.max_line and chunk[-1:] == b"\n" and not self._buf
-                and self._skipped < 0 and not self._flooded):
+        if self.whole(chunk):
             # The commonest read: whole lines, none of them too long. One
             # decode gives what decoding each line would: a line end is never
             # part of a UTF-8 sequence, nor of a replaced one.
@@ -409,6 +415,10 @@ class Refused:
     text: str
 
 
+_PLAIN_BYTES: Final = bytes(range(0x20, 0x7F)) + b"\n"  # printable ASCII and the line end
+_NOT_FIRST: Final = b" :\\\n"  # a read taken as it is does not start a line with these
+
+
 class Room:
     """One chat room: who is in it, in join order, and what each act causes."""
 
@@ -481,6 +491,22 @@ class Room:
             prefix = f"{name}: "
             return prefix + block.replace("\n", "\n" + prefix)
         return None
+
+    def said_bytes(self, name: str, data: bytes) -> bytes | None:
+        """said_lines() for a read of whole lines (`data` ends with a line
+        end, none of them is too long), from bytes to bytes: the room lines,
+        each ending with a line end, or None. Where it gives lines, they are
+        said_lines()'s; it declines whatever said_lines() declines, and also
+        a line with a CR (which the reader would drop before the line end) or
+        starting with a space (which could be blank). Those take the long
+        way, where the same rules decide. Printable ASCII is checked in one
+        C call, and nothing is decoded."""
+        if (name not in self._present or data.translate(None, _PLAIN_BYTES)
+                or data[0] in _NOT_FIRST or b"\n\n" in data or b"\n:" in data
+                or b"\n\\" in data or b"\n " in data):
+            return None
+        prefix = name.encode() + b": "
+        return prefix + data[:-1].replace(b"\n", b"\n" + prefix) + b"\n"
 
     def join(self, name: str) -> list[Output]:
         """`name` (already checked) enters the room."""
@@ -775,11 +801,18 @@ class Connection(asyncio.BufferedProtocol):
         self.data_received(self.hub.read_buffer[:nbytes])  # the reader copies what it keeps
 
     def data_received(self, data: bytes | memoryview) -> None:
-        items = self.reader.feed(data)
         if self.name is not None:
-            self.hub.heard(self, items)
-            self.hub.read_done()
+            hub = self.hub
+            if hub.submit is hub._local and self.reader.whole(data):
+                block = hub.room.said_bytes(self.name, bytes(data))
+                if block is not None:  # plain chat, the commonest read of all
+                    hub.said(self, block)
+                    hub.read_done()
+                    return
+            hub.heard(self, self.reader.feed(data))
+            hub.read_done()
             return
+        items = self.reader.feed(data)
         for item in items:
             if self.dead or self.close_after_flush:
                 break
@@ -905,7 +938,7 @@ class Hub:
         self._bcast: list[bytes] = []
         self._edits: dict[Connection, list[tuple[int, bytes | None]]] = {}
         self._ranges: dict[Connection, list[int]] = {}
-        self._printed: list[str] = []
+        self._printed: list[bytes] = []  # the server's lines for stdout, each ending in a line end
 
     def new_reader(self) -> LineReader:
         return LineReader(self.limits.max_line)
@@ -982,18 +1015,32 @@ class Hub:
         name = conn.name
         if name is None or not items:
             return
-        self._reads += 1
-        self._urgent = True
         if self.submit is self._local and TOO_LONG not in items and FLOOD not in items:
             block = self.room.said_lines(name, items)  # type: ignore[arg-type]
             if block is not None:
-                self._printed.append(block)
-                self._broadcast(block, skip=name)
+                self.said(conn, block.encode() + b"\n")
                 return
+        self._reads += 1
+        self._urgent = True
         for item in items:
             if conn.dead or conn.close_after_flush:
                 break
             self.received(conn, item)
+
+    def said(self, conn: Connection, block: bytes) -> None:
+        """A read from member `conn` that was plain chat and nothing else:
+        `block` is its room lines, each ending with a line end."""
+        self._reads += 1
+        self._urgent = True
+        self._said(conn, block)
+
+    def _said(self, conn: Connection, block: bytes) -> None:
+        """Room lines of `conn`'s plain chat: for every member but `conn`,
+        and for our stdout."""
+        self._printed.append(block)
+        self._edit(conn, len(self._bcast), None)
+        self._bcast.append(block)
+        self._schedule()
 
     def read_done(self) -> None:
         """A member's read has been heard. When it is the only read of this
@@ -1014,8 +1061,7 @@ class Hub:
                 if line is None:
                     self.submit(Typed(name, item, self.now()))
                 else:
-                    self._printed.append(line)
-                    self._broadcast(line, skip=name)
+                    self._said(conn, line.encode() + b"\n")
             elif item is TOO_LONG:
                 limit = self.limits.max_line
                 self.route([Fail(name, "line-too-long",
@@ -1069,7 +1115,7 @@ class Hub:
                 else:
                     self._to(out.to, out.line.encode() + b"\n")
             elif isinstance(out, Log):
-                self._printed.append(out.line)
+                self._printed.append(out.line.encode("utf-8", "replace") + b"\n")
             elif isinstance(out, Fail):
                 self._to(out.to, f":error {out.code} {out.text}\n".encode())
             elif isinstance(out, Bye):
@@ -1188,12 +1234,15 @@ class Hub:
     def _print_pending(self) -> None:
         """The server's own lines for this pass, after the clients' (stdout may be slow)."""
         if self._printed:
-            self.print_lines(self._printed)
+            self.write_out(b"".join(self._printed))
             self._printed = []
 
     def print_lines(self, lines: list[str]) -> None:
+        self.write_out(("\n".join(lines) + "\n").encode("utf-8", "replace"))
+
+    def write_out(self, data: bytes) -> None:
         try:
-            self.out.write(("\n".join(lines) + "\n").encode("utf-8", "replace"))
+            self.out.write(data)
             self.out.flush()
         except (BrokenPipeError, ValueError):
             pass  # nobody reads our stdout any more; the room goes on

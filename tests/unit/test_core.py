@@ -257,6 +257,59 @@ def test_said_lines_declines_a_batch_with_one_line_that_needs_a_closer_look(
     assert (got is None) == (texts != ["hi", "there"])
 
 
+SAID_BYTES = [
+    # (a read of whole lines from alice, what said_bytes gives)
+    (b"hi\n", b"alice: hi\n"),
+    (b"hi\nthere\n", b"alice: hi\nalice: there\n"),
+    (b"a b  c~\n", b"alice: a b  c~\n"),
+    (b"x" * 2047 + b"\n", b"alice: " + b"x" * 2047 + b"\n"),
+    (b"hi \n", b"alice: hi \n"),
+    (b":)\n", None),  # a command
+    (b"hi\n:)\n", None),
+    (b"\\o/\n", None),  # an escape
+    (b"hi\n\\o/\n", None),
+    (b"\n", None),  # blank
+    (b"hi\n\n", None),
+    (b" \n", None),  # only a space: blank
+    (b"hi\n  \n", None),
+    (b" hi\n", None),  # plain, but said_bytes leaves every leading space to said_lines
+    (b"hi\r\n", None),  # the reader drops the CR: said_lines decides
+    (b"tab\there\n", None),
+    (b"caf\xc3\xa9\n", None),
+    (b"bad\xff\n", None),
+    (b"nul\x00\n", None),
+    (b"del\x7f\n", None),
+]
+
+
+@pytest.mark.parametrize(("data", "block"), SAID_BYTES, ids=[repr(d) for d, _ in SAID_BYTES])
+def test_said_bytes_is_plain_chat_from_bytes_to_bytes(data: bytes, block: bytes | None) -> None:
+    room = room_with("alice", "bob")
+    assert room.said_bytes("alice", data) == block
+    assert room.said_bytes("zed", data) is None  # not in the room
+    if block is not None:
+        lines = LineReader(2048).feed(data)
+        assert room.said_lines("alice", lines) + "\n" == block.decode()  # type: ignore[operator]
+
+
+@given(st.sampled_from(["alice", "bob", "zed"]), TEXTS)
+def test_said_bytes_agrees_with_said_lines(name: str, texts: list[str]) -> None:
+    """Whatever said_bytes answers for a read, said_lines answers the same for
+    its lines; it declines more only for a CR or a leading space."""
+    room = room_with("alice", "bob")
+    data = "".join(t + "\n" for t in texts).encode("utf-8", "surrogatepass")
+    if not data:
+        return  # a read is never empty
+    lines = LineReader(len(data)).feed(data)
+    expected = room.said_lines(name, lines)  # type: ignore[arg-type]
+    block = room.said_bytes(name, data)
+    if block is not None:
+        assert expected is not None
+        assert block == (expected + "\n").encode()
+    elif expected is not None:
+        assert b"\r" in data or any(line.startswith(" ") for line in lines)  # type: ignore[union-attr]
+
+
 def test_time_is_zero_padded_and_has_no_double_spaces() -> None:
     oct_7 = 1759795200.0  # Tue Oct 07 00:00:00 2025 UTC
     [log, _] = room_with("alice").handle("alice", Tell(0), oct_7)
@@ -427,6 +480,46 @@ def test_line_reader_never_raises_and_is_chunking_independent(chunks: list[bytes
     for item in whole:
         assert item in (TOO_LONG, FLOOD) or (isinstance(item, str) and "\n" not in item
                                              and len(item.encode("utf-8", "surrogatepass")) <= 48)
+
+
+WHOLE = [
+    # (chunks fed first, the chunk asked about, whole?)
+    ([], b"hello\n", True),
+    ([], b"a\nb\n", True),
+    ([], b"\n", True),
+    ([], b"x" * 10 + b"\n", True),  # as long as a line may be
+    ([], b"x" * 11 + b"\n", False),  # longer: the reader says TOO_LONG
+    ([], b"no end", False),
+    ([], b"a\nno end", False),
+    ([], b"", False),
+    ([b"held"], b"more\n", False),  # a line's start is held
+    ([b"x" * 12], b"\n", False),  # an over-long line's end is awaited
+    ([b"x" * 81], b"ok\n", False),  # flooded: nothing more is taken
+    ([b"done\n"], b"next\n", True),
+    ([b"x" * 11 + b"\n"], b"next\n", True),  # the over-long line has ended
+]
+
+
+@pytest.mark.parametrize(("before", "chunk", "whole"), WHOLE)
+def test_line_reader_knows_a_chunk_of_whole_lines(before: list[bytes], chunk: bytes,
+                                                  whole: bool) -> None:
+    reader = LineReader(max_line=10, max_unterminated=80)
+    for piece in before:
+        reader.feed(piece)
+    assert reader.whole(chunk) is whole
+    assert reader.whole(memoryview(chunk)) is whole
+
+
+@given(st.lists(st.binary(max_size=24), max_size=4), st.binary(max_size=24))
+def test_a_whole_chunk_is_its_lines_and_leaves_the_reader_as_it_was(
+        before: list[bytes], chunk: bytes) -> None:
+    reader = LineReader(max_line=16, max_unterminated=64)
+    for piece in before:
+        reader.feed(piece)
+    if reader.whole(chunk):
+        assert reader.feed(chunk) == [
+            line.decode("utf-8", "replace").removesuffix("\r") for line in chunk.split(b"\n")[:-1]]
+        assert reader.whole(b"next\n")  # nothing is held after it
 
 
 @given(st.text())
