@@ -689,6 +689,10 @@ class _PollHookSelector(selectors.DefaultSelector):
         ready = super().select(timeout)
         if loop is not None:
             loop.lone = len(ready) == 1
+            if loop.lone and loop.serve_read is not None:
+                key, events = ready[0]
+                if events == selectors.EVENT_READ and loop.serve_read(key.fd):
+                    return []  # served: nothing left for asyncio to dispatch
         return ready
 
 
@@ -720,7 +724,14 @@ class PassLoop(asyncio.SelectorEventLoop):
     read in this pass can share a write with the one being handled, so the
     Hub may write a member's lines as soon as it has heard them, without
     waiting for the end of the pass (Hub.read_done). Whoever writes early
-    clears it: at most one early write per pass."""
+    clears it: at most one early write per pass.
+
+    `serve_read(fd)`, when set, is offered that single event when it is a
+    read, before asyncio dispatches it. It returns True when it has served
+    the read itself, and then the poll reports nothing: the reader handle,
+    the ready queue and the transport's read method are skipped. That is
+    the whole of a room's pass when one member speaks and nobody else does.
+    It returns False to leave the event to asyncio as usual."""
 
     def __init__(self) -> None:
         selector = _PollHookSelector()
@@ -730,6 +741,7 @@ class PassLoop(asyncio.SelectorEventLoop):
         self.scheduled = False
         self.look_first = False
         self.lone = False
+        self.serve_read: Callable[[int], bool] | None = None
 
     def call_soon(self, callback: Callable[..., Any], *args: Any,  # type: ignore[override]
                   context: contextvars.Context | None = None) -> asyncio.Handle:
@@ -790,6 +802,7 @@ class Connection(asyncio.BufferedProtocol):
             sock = transport.get_extra_info("socket")
             if sock is not None:
                 self.fd = sock.fileno()
+                self.hub.by_fd[self.fd] = self
         peer = transport.get_extra_info("peername")
         self.addr = address_key(str(peer[0])) if peer else ""
         self.hub.connected(self)
@@ -932,8 +945,10 @@ class Hub:
         self._pass_loop = loop if isinstance(loop, PassLoop) else None  # flush() runs by itself
         # Connection.send may write to the socket itself (a socket is a file there)
         self.direct_writes = self._pass_loop is not None and os.name == "posix"
+        self.by_fd: dict[int, Connection] = {}  # plain sockets (direct_writes), by descriptor
         if self._pass_loop is not None:
             self._pass_loop.before_poll.append(self.pass_end)
+            self._pass_loop.serve_read = self.serve_read
         self.read_buffer = memoryview(bytearray(READ_BUFFER))
         self._bcast: list[bytes] = []
         self._edits: dict[Connection, list[tuple[int, bytes | None]]] = {}
@@ -983,6 +998,8 @@ class Hub:
 
     def lost(self, conn: Connection) -> None:
         conn.dead = True
+        if self.by_fd.get(conn.fd) is conn:
+            del self.by_fd[conn.fd]
         conn.clear, conn.fd = False, -1  # its socket is closed: the number may come back
         if conn.timer is not None:
             conn.timer.cancel()
@@ -1026,6 +1043,37 @@ class Hub:
             if conn.dead or conn.close_after_flush:
                 break
             self.received(conn, item)
+
+    def serve_read(self, fd: int) -> bool:
+        """Read a member's socket that the poll found readable, and hear it,
+        as its transport would (PassLoop.serve_read). Anything but a member
+        with data to read is left to the transport: a login, TLS (never in
+        `by_fd`), the end of the stream, which stays readable until the
+        transport meets it. A broken connection is aborted here, since
+        reading it took its error."""
+        conn = self.by_fd.get(fd)
+        if conn is None or conn.name is None or conn.dead:
+            return False
+        transport = conn.transport
+        assert transport is not None
+        buffer = self.read_buffer
+        try:
+            nbytes = os.readv(fd, [buffer])
+        except (BlockingIOError, InterruptedError):
+            return True  # nothing after all; the poll will say when there is
+        except OSError:
+            transport.abort()
+            return True
+        if not nbytes:
+            return False
+        try:
+            conn.data_received(buffer[:nbytes])
+        except Exception as exc:  # as the transport does: report it, drop this client
+            self._loop.call_exception_handler({
+                "message": "Hub.serve_read: handling a read failed",
+                "exception": exc, "protocol": conn, "transport": transport})
+            transport.abort()
+        return True
 
     def said(self, conn: Connection, block: bytes) -> None:
         """A read from member `conn` that was plain chat and nothing else:

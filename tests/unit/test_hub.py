@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import socket
+import struct
 from collections.abc import Iterable
 
 import pytest
@@ -288,3 +289,73 @@ def test_room_notices_alone_wait_a_moment_and_chat_takes_them_along() -> None:
     seen = server.run_on_pass_loop(main())  # type: ignore[arg-type]
     assert seen == [b"", b"bob joined the chatroom\n",
                     b"carol joined the chatroom\nbob: hi\n"]
+
+
+@pytest.mark.parametrize("ending", ["close", "reset"])
+def test_a_lone_member_read_is_served_from_the_poll_and_anything_else_is_left_to_asyncio(
+        ending: str) -> None:
+    """PassLoop.serve_read: when the poll returns one member's read, the Hub
+    reads and hears it there, and asyncio dispatches nothing. A login's read
+    and the end of a stream go to the transport as before; a reset, which
+    the read itself meets, drops the member. Real sockets and a real poll."""
+
+    async def main() -> tuple[list[tuple[str, bool]], bytes]:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, server.PassLoop)
+        hub = server.Hub(server.Room("pw"), server.Limits(), io.BytesIO(), now=lambda: NOW)
+        listener = await loop.create_server(lambda: server.Connection(hub), "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        served: list[tuple[str, bool]] = []  # (whose descriptor, served?) per offer
+        offer = hub.serve_read
+
+        def recording(fd: int) -> bool:
+            conn = hub.by_fd.get(fd)
+            answer = offer(fd)
+            served.append((conn.name or "?" if conn is not None else "-", answer))
+            return answer
+
+        loop.serve_read = recording
+        clients: list[socket.socket] = []
+        got: list[bytes] = []
+
+        async def until(k: int, want: bytes) -> None:
+            for _ in range(2000):
+                try:
+                    got[k] += clients[k].recv(65536)
+                except BlockingIOError:
+                    pass
+                if want in got[k]:
+                    return
+                await asyncio.sleep(0.001)
+            raise AssertionError(f"client {k} never got {want!r}: {got[k]!r}")
+
+        for k, name in enumerate(("alice", "bob")):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.setblocking(False)
+            clients.append(sock)
+            got.append(b"")
+            sock.send(f"LOGIN pw {name}\n".encode())
+            await until(k, f":ok {name}\n".encode())
+        logins = list(served)
+        del served[:]
+        clients[0].send(b"hi there\n")
+        await until(1, b"alice: hi there\n")
+        clients[0].send(b":Users\n")  # not plain chat: served all the same
+        await until(0, b"Active Users: alice, bob\n")
+        if ending == "reset":
+            clients[0].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        clients[0].close()
+        await until(1, b"alice left the chatroom\n")
+        for sock in clients[1:]:
+            sock.close()
+        listener.close()
+        cancel_login_timers(hub.connections)
+        return logins + served, got[1]
+
+    served, bob = server.run_on_pass_loop(main())  # type: ignore[arg-type]
+    assert ("?", True) not in served  # a login is never read from the poll
+    assert served[-3:-1] == [("alice", True), ("alice", True)]
+    # The end of alice's stream is left to her transport; a reset is met,
+    # and dealt with, by the read.
+    assert served[-1] == ("alice", ending == "reset")
+    assert bob.endswith(b"alice: hi there\nalice left the chatroom\n")
