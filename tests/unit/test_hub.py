@@ -293,13 +293,23 @@ def test_room_notices_alone_wait_a_moment_and_chat_takes_them_along() -> None:
 
 @pytest.mark.parametrize("ending", ["close", "reset"])
 def test_a_lone_member_read_is_served_from_the_poll_and_anything_else_is_left_to_asyncio(
-        ending: str) -> None:
+        ending: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """PassLoop.serve_read: when the poll returns one member's read, the Hub
     reads and hears it there, and asyncio dispatches nothing. A login's read
     and the end of a stream go to the transport as before; a reset, which
     the read itself meets, drops the member. Real sockets and a real poll."""
 
-    async def main() -> tuple[list[tuple[str, bool]], bytes]:
+    transport_reads: list[str] = []  # members' reads that went through asyncio's transport
+    get_buffer = server.Connection.get_buffer
+
+    def counting_get_buffer(self: server.Connection, sizehint: int) -> memoryview:
+        if self.name is not None:
+            transport_reads.append(self.name)
+        return get_buffer(self, sizehint)
+
+    monkeypatch.setattr(server.Connection, "get_buffer", counting_get_buffer)
+
+    async def main() -> tuple[list[tuple[str, bool]], bytes, list[str], list[str]]:
         loop = asyncio.get_running_loop()
         assert isinstance(loop, server.PassLoop)
         hub = server.Hub(server.Room("pw"), server.Limits(), io.BytesIO(), now=lambda: NOW)
@@ -346,13 +356,18 @@ def test_a_lone_member_read_is_served_from_the_poll_and_anything_else_is_left_to
             clients[0].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         clients[0].close()
         await until(1, b"alice left the chatroom\n")
+        left = sorted(conn.name or "?" for conn in hub.by_fd.values())  # her number may come back
+        through = list(transport_reads)
         for sock in clients[1:]:
             sock.close()
         listener.close()
         cancel_login_timers(hub.connections)
-        return logins + served, got[1]
+        return logins + served, got[1], left, through
 
-    served, bob = server.run_on_pass_loop(main())  # type: ignore[arg-type]
+    served, bob, left, through = server.run_on_pass_loop(main())  # type: ignore[arg-type]
+    assert left == ["bob"]
+    # Only the end of alice's stream went the transport's way, never her lines.
+    assert through == (["alice"] if ending == "close" else [])
     assert ("?", True) not in served  # a login is never read from the poll
     assert served[-3:-1] == [("alice", True), ("alice", True)]
     # The end of alice's stream is left to her transport; a reset is met,
