@@ -14,7 +14,8 @@ top to bottom:
    asyncio, sockets, files or clocks: the current time is passed in. It is
    unit-tested from tables with no event loop (tests/unit/test_core.py).
 2. THE ASYNCIO TRANSPORT. One event loop (asyncio's, with a hook at the
-   end of each pass: PassLoop), one Protocol per connection, the limits
+   end of each pass, and a member's lone read served straight from the
+   poll: PassLoop), one Protocol per connection, the limits
    against hostile or broken clients, and write coalescing: what is due to
    one client in one pass of the loop goes out in one write, at the end of
    the pass (at once when the pass has only one read; room notices alone
