@@ -51,6 +51,36 @@ def cancel_login_timers(conns: Iterable[server.Connection]) -> None:
             conn.timer.cancel()
 
 
+class RawClients:
+    """Plain non-blocking sockets that log in to a Hub on the running loop,
+    and what each has read so far."""
+
+    def __init__(self) -> None:
+        self.socks: list[socket.socket] = []
+        self.got: list[bytes] = []
+
+    async def login(self, port: int, name: str) -> None:
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no line held back
+        sock.setblocking(False)
+        self.socks.append(sock)
+        self.got.append(b"")
+        sock.send(f"LOGIN pw {name}\n".encode())
+        await self.until(len(self.socks) - 1, f":ok {name}\n".encode())
+
+    async def until(self, k: int, want: bytes) -> None:
+        """Read client k's socket until `want` is among what it has read."""
+        for _ in range(2000):
+            try:
+                self.got[k] += self.socks[k].recv(65536)
+            except BlockingIOError:
+                pass
+            if want in self.got[k]:
+                return
+            await asyncio.sleep(0.001)
+        raise AssertionError(f"client {k} never got {want!r}: {self.got[k]!r}")
+
+
 def run_room(reads: list[tuple[int, bytes]], flush_each: bool) -> tuple[list[bytes], bytes]:
     """alice, bob and carol log in; then each (who, data) is one read.
     Returns each one's bytes after the logins, and the server's stdout."""
@@ -170,28 +200,10 @@ def test_a_pass_with_one_read_writes_it_at_once_and_two_reads_share_the_pass_end
         hub.flush = counting_flush  # type: ignore[method-assign]
         pending = []  # at each pass end, before the Hub's hook: was anything left to write?
         loop.before_poll.insert(0, lambda: pending.append(hub._scheduled))
-        clients = []
-        got: list[bytes] = []
-
-        async def until(k: int, want: bytes) -> None:
-            for _ in range(2000):
-                try:
-                    got[k] += clients[k].recv(65536)
-                except BlockingIOError:
-                    pass
-                if want in got[k]:
-                    return
-                await asyncio.sleep(0.001)
-            raise AssertionError(f"client {k} never got {want!r}: {got[k]!r}")
-
-        for k, name in enumerate(("alice", "bob")):
-            sock = socket.create_connection(("127.0.0.1", port))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no line held back
-            sock.setblocking(False)
-            clients.append(sock)
-            got.append(b"")
-            sock.send(f"LOGIN pw {name}\n".encode())
-            await until(k, f":ok {name}\n".encode())
+        raw = RawClients()
+        clients, got, until = raw.socks, raw.got, raw.until
+        for name in ("alice", "bob"):
+            await raw.login(port, name)
         await until(0, b"bob joined the chatroom\n")
         await asyncio.sleep(server.NOTICE_WAIT * 2)  # nothing left waiting
         results = []
@@ -325,27 +337,10 @@ def test_a_lone_member_read_is_served_from_the_poll_and_anything_else_is_left_to
             return answer
 
         loop.serve_read = recording
-        clients: list[socket.socket] = []
-        got: list[bytes] = []
-
-        async def until(k: int, want: bytes) -> None:
-            for _ in range(2000):
-                try:
-                    got[k] += clients[k].recv(65536)
-                except BlockingIOError:
-                    pass
-                if want in got[k]:
-                    return
-                await asyncio.sleep(0.001)
-            raise AssertionError(f"client {k} never got {want!r}: {got[k]!r}")
-
-        for k, name in enumerate(("alice", "bob")):
-            sock = socket.create_connection(("127.0.0.1", port))
-            sock.setblocking(False)
-            clients.append(sock)
-            got.append(b"")
-            sock.send(f"LOGIN pw {name}\n".encode())
-            await until(k, f":ok {name}\n".encode())
+        raw = RawClients()
+        clients, got, until = raw.socks, raw.got, raw.until
+        for name in ("alice", "bob"):
+            await raw.login(port, name)
         logins = list(served)
         del served[:]
         clients[0].send(b"hi there\n")
