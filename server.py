@@ -14,8 +14,8 @@ top to bottom:
    asyncio, sockets, files or clocks: the current time is passed in. It is
    unit-tested from tables with no event loop (tests/unit/test_core.py).
 2. THE ASYNCIO TRANSPORT. One event loop (asyncio's, with a hook at the
-   end of each pass, and a member's lone read served straight from the
-   poll: PassLoop), one Protocol per connection, the limits
+   end of each pass, and members' reads served straight from the poll:
+   PassLoop), one Protocol per connection, the limits
    against hostile or broken clients, and write coalescing: what is due to
    one client in one pass of the loop goes out in one write, at the end of
    the pass (at once when the pass has only one read; room notices alone
@@ -680,7 +680,7 @@ class _PollHookSelector(selectors.DefaultSelector):
                 if ready:
                     self.looked = True  # and then the hooks, whatever arrives next
                     loop.lone = False
-                    return ready
+                    return self._served(loop, ready)
             self.looked = loop.look_first = False
             loop.scheduled = False
             for hook in loop.before_poll:
@@ -690,11 +690,22 @@ class _PollHookSelector(selectors.DefaultSelector):
         ready = super().select(timeout)
         if loop is not None:
             loop.lone = len(ready) == 1
-            if loop.lone and loop.serve_read is not None:
-                key, events = ready[0]
-                if events == selectors.EVENT_READ and loop.serve_read(key.fd):
-                    return []  # served: nothing left for asyncio to dispatch
+            return self._served(loop, ready)
         return ready
+
+    @staticmethod
+    def _served(loop: PassLoop, ready: list[tuple[selectors.SelectorKey, int]],
+                ) -> list[tuple[selectors.SelectorKey, int]]:
+        """What is left of `ready` for asyncio once loop.serve_read has
+        served the reads it takes."""
+        serve = loop.serve_read
+        if serve is None or not ready:
+            return ready
+        if len(ready) == 1:  # the commonest poll: one read
+            key, events = ready[0]
+            return [] if events == selectors.EVENT_READ and serve(key.fd) else ready
+        return [(key, events) for key, events in ready
+                if events != selectors.EVENT_READ or not serve(key.fd)]
 
 
 class PassLoop(asyncio.SelectorEventLoop):
@@ -727,12 +738,15 @@ class PassLoop(asyncio.SelectorEventLoop):
     waiting for the end of the pass (Hub.read_done). Whoever writes early
     clears it: at most one early write per pass.
 
-    `serve_read(fd)`, when set, is offered that single event when it is a
-    read, before asyncio dispatches it. It returns True when it has served
-    the read itself, and then the poll reports nothing: the reader handle,
-    the ready queue and the transport's read method are skipped. That is
-    the whole of a room's pass when one member speaks and nobody else does.
-    It returns False to leave the event to asyncio as usual."""
+    `serve_read(fd)`, when set, is offered every read the poll reports,
+    in the poll's order, before asyncio dispatches anything. It returns True
+    when it has served the read itself, and the poll then reports the rest:
+    the reader handle, the ready queue and the transport's read method are
+    skipped. When one member speaks and nobody else does, that is the whole
+    of a pass. It returns False to leave the event to asyncio as usual.
+    Served reads run before the callbacks already queued for this pass
+    (a connection closed at the end of the last pass learns of it after
+    them), which is one more order a poll could have given."""
 
     def __init__(self) -> None:
         selector = _PollHookSelector()

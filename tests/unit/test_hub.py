@@ -304,12 +304,13 @@ def test_room_notices_alone_wait_a_moment_and_chat_takes_them_along() -> None:
 
 
 @pytest.mark.parametrize("ending", ["close", "reset"])
-def test_a_lone_member_read_is_served_from_the_poll_and_anything_else_is_left_to_asyncio(
+def test_member_reads_are_served_from_the_poll_and_anything_else_is_left_to_asyncio(
         ending: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """PassLoop.serve_read: when the poll returns one member's read, the Hub
-    reads and hears it there, and asyncio dispatches nothing. A login's read
-    and the end of a stream go to the transport as before; a reset, which
-    the read itself meets, drops the member. Real sockets and a real poll."""
+    """PassLoop.serve_read: the Hub reads and hears a member's read right
+    where the poll reports it, one read or several, and asyncio dispatches
+    nothing for it. A login's read and the end of a stream go to the
+    transport as before; a reset, which the read itself meets, drops the
+    member. Real sockets and a real poll."""
 
     transport_reads: list[str] = []  # members' reads that went through asyncio's transport
     get_buffer = server.Connection.get_buffer
@@ -347,6 +348,10 @@ def test_a_lone_member_read_is_served_from_the_poll_and_anything_else_is_left_to
         await until(1, b"alice: hi there\n")
         clients[0].send(b":Users\n")  # not plain chat: served all the same
         await until(0, b"Active Users: alice, bob\n")
+        clients[0].send(b"from alice\n")
+        clients[1].send(b"from bob\n")  # both before the loop polls again: two reads in one poll
+        await until(1, b"alice: from alice\n")
+        await until(0, b"bob: from bob\n")
         if ending == "reset":
             clients[0].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         clients[0].close()
@@ -364,8 +369,11 @@ def test_a_lone_member_read_is_served_from_the_poll_and_anything_else_is_left_to
     # Only the end of alice's stream went the transport's way, never her lines.
     assert through == (["alice"] if ending == "close" else [])
     assert ("?", True) not in served  # a login is never read from the poll
-    assert served[-3:-1] == [("alice", True), ("alice", True)]
+    logins = served.index(("alice", True))
+    assert served[logins:logins + 2] == [("alice", True), ("alice", True)]
+    assert sorted(served[logins + 2:logins + 4]) == [("alice", True), ("bob", True)]
+    assert len(served) == logins + 5
     # The end of alice's stream is left to her transport; a reset is met,
     # and dealt with, by the read.
     assert served[-1] == ("alice", ending == "reset")
-    assert bob.endswith(b"alice: hi there\nalice left the chatroom\n")
+    assert bob.endswith(b"alice: hi there\nalice: from alice\nalice left the chatroom\n")
