@@ -50,7 +50,7 @@ import unicodedata
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Final, cast
+from typing import Any, BinaryIO, Final, TypeVar, cast
 
 # ============================================================================
 # 1. The pure core
@@ -708,6 +708,9 @@ class _PollHookSelector(selectors.DefaultSelector):
                 if events != selectors.EVENT_READ or not serve(key.fd)]
 
 
+_T = TypeVar("_T")  # what run_on_pass_loop's coroutine returns
+
+
 class PassLoop(asyncio.SelectorEventLoop):
     """asyncio's selector loop, able to act at the end of each pass.
 
@@ -769,7 +772,7 @@ class PassLoop(asyncio.SelectorEventLoop):
         return super().call_at(when, callback, *args, context=context)
 
 
-def run_on_pass_loop(main: Coroutine[Any, Any, int]) -> int:
+def run_on_pass_loop(main: Coroutine[Any, Any, _T]) -> _T:
     """asyncio.run(main), on a PassLoop."""
     if sys.version_info >= (3, 11):
         with asyncio.Runner(loop_factory=PassLoop) as runner:  # novm

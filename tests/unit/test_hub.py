@@ -174,7 +174,7 @@ def test_the_hub_looks_for_more_input_only_after_a_write_that_carried_several_re
         cancel_login_timers(conns)
         return asked
 
-    asked = server.run_on_pass_loop(main())  # type: ignore[arg-type]
+    asked = server.run_on_pass_loop(main())
     assert asked == [False, False, True, False]
 
 
@@ -223,7 +223,7 @@ def test_a_pass_with_one_read_writes_it_at_once_and_two_reads_share_the_pass_end
         cancel_login_timers(hub.connections)
         return [r[0] for r in results], [r[1] for r in results], [got[0], got[1]]
 
-    left, flushes, last = server.run_on_pass_loop(main())  # type: ignore[arg-type]
+    left, flushes, last = server.run_on_pass_loop(main())
     # One read: written while it was heard, so no pass ended with it pending.
     # Two reads: the pass ended with them pending, and one flush wrote both.
     # One read right after that: the Hub gathers several senders now
@@ -261,7 +261,7 @@ def test_only_the_first_read_of_a_lone_pass_is_written_early() -> None:
         cancel_login_timers(conns)
         return seen
 
-    seen = server.run_on_pass_loop(main())  # type: ignore[arg-type]
+    seen = server.run_on_pass_loop(main())
     assert seen == [b"alice: a\n", b"alice: a\n", b"alice: a\nalice: b\n"]
 
 
@@ -298,7 +298,7 @@ def test_room_notices_alone_wait_a_moment_and_chat_takes_them_along() -> None:
         cancel_login_timers(conns)
         return seen
 
-    seen = server.run_on_pass_loop(main())  # type: ignore[arg-type]
+    seen = server.run_on_pass_loop(main())
     assert seen == [b"", b"bob joined the chatroom\n",
                     b"carol joined the chatroom\nbob: hi\n"]
 
@@ -364,7 +364,7 @@ def test_member_reads_are_served_from_the_poll_and_anything_else_is_left_to_asyn
         cancel_login_timers(hub.connections)
         return logins + served, got[1], left, through
 
-    served, bob, left, through = server.run_on_pass_loop(main())  # type: ignore[arg-type]
+    served, bob, left, through = server.run_on_pass_loop(main())
     assert left == ["bob"]
     # Only the end of alice's stream went the transport's way, never her lines.
     assert through == (["alice"] if ending == "close" else [])

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(30)
 def run(main: Callable[[], object]) -> object:
     async def wrapper() -> object:
         return await main()  # type: ignore[misc]
-    return server.run_on_pass_loop(wrapper())  # type: ignore[arg-type]
+    return server.run_on_pass_loop(wrapper())
 
 
 def run_closing(pairs: list[tuple[socket.socket, socket.socket]],
@@ -61,6 +61,7 @@ def test_data_on_two_sockets_in_one_pass_is_heard_before_the_hook() -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
+        assert isinstance(loop, server.PassLoop)
         done = loop.create_future()
 
         def readable(k: int) -> None:
@@ -94,6 +95,7 @@ def test_a_callback_scheduled_by_the_hook_runs_without_another_event() -> None:
 
     async def main() -> str:
         loop = asyncio.get_running_loop()
+        assert isinstance(loop, server.PassLoop)
         fut: asyncio.Future[str] = loop.create_future()
         armed = [False]
 
@@ -189,6 +191,7 @@ def test_a_timer_that_a_hook_sets_fires_without_another_event() -> None:
 
     async def main() -> float:
         loop = asyncio.get_running_loop()
+        assert isinstance(loop, server.PassLoop)
         fired: asyncio.Future[float] = loop.create_future()
         armed: list[float] = []
 

@@ -28,7 +28,7 @@ CHUNK = b"0123456789abcdef" * 4096  # 64 KiB: more than a small socket buffer ta
 def on_pass_loop(main: Callable[[], Coroutine[Any, Any, object]]) -> object:
     async def wrapper() -> object:
         return await main()
-    return server.run_on_pass_loop(wrapper())  # type: ignore[arg-type]
+    return server.run_on_pass_loop(wrapper())
 
 
 async def member(hub: server.Hub, sndbuf: int | None = None,
