@@ -1104,9 +1104,7 @@ class Hub:
         """Room lines of `conn`'s plain chat: for every member but `conn`,
         and for our stdout."""
         self._printed.append(block)
-        self._edit(conn, len(self._bcast), None)
-        self._bcast.append(block)
-        self._schedule()
+        self._for_all(block, conn)
 
     def read_done(self) -> None:
         """A member's read has been heard. When it is the only read of this
@@ -1218,11 +1216,13 @@ class Hub:
 
     def _broadcast(self, line: str, skip: str | None) -> None:
         """`line` for every member of this server but `skip`."""
+        self._for_all(line.encode() + b"\n", None if skip is None else self.members.get(skip))
+
+    def _for_all(self, data: bytes, skip: Connection | None) -> None:
+        """`data` (whole lines) for every member of this server but `skip`."""
         if skip is not None:
-            skipped = self.members.get(skip)
-            if skipped is not None:
-                self._edit(skipped, len(self._bcast), None)
-        self._bcast.append(line.encode() + b"\n")
+            self._edit(skip, len(self._bcast), None)
+        self._bcast.append(data)
         self._schedule()
 
     def _to(self, name: str, data: bytes) -> None:

@@ -10,8 +10,8 @@ server.py. Every cell runs on a fresh server with the same method as
 bench/run.py (pinning, quiet-wait, retries); the variants take turns within
 each repetition, each going first in turn, so slow drifts of the machine
 hit all of them alike. It prints each run and then the median per variant,
-and writes the rows as JSON (--out). Latency tails on a shared machine vary from run to run: compare
-medians over several repetitions, not single runs.
+and writes the rows as JSON (--out). Latency tails on a shared machine vary
+from run to run: compare medians over several repetitions, not single runs.
 """
 
 from __future__ import annotations
