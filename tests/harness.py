@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import NoReturn
+from typing import IO, NoReturn
 
 import pytest
 
@@ -38,6 +38,9 @@ START_RE = re.compile(r"Server started on port (\d+)\. Accepting connections")
 
 _EOF = object()
 NO_NEWLINE = " <<missing newline at end of stream>>"
+
+# What a child's stdin can be: subprocess.PIPE or DEVNULL, a file descriptor, a file.
+Stdin = int | IO[bytes]
 
 
 def child_env() -> dict[str, str]:
@@ -57,14 +60,14 @@ def child_env() -> dict[str, str]:
 class _Stream:
     """One pipe of a child process, read by its own thread into a queue."""
 
-    def __init__(self, pipe, label: str) -> None:
+    def __init__(self, pipe: IO[bytes], label: str) -> None:
         self.q: queue.Queue[object] = queue.Queue()
         self.seen: list[str] = []  # every line read so far, for error messages
         self.eof = False
         self._thread = threading.Thread(target=self._pump, args=(pipe,), name=label, daemon=True)
         self._thread.start()
 
-    def _pump(self, pipe) -> None:
+    def _pump(self, pipe: IO[bytes]) -> None:
         try:
             for raw in iter(pipe.readline, b""):
                 line = raw.decode("utf-8", errors="backslashreplace")
@@ -100,7 +103,7 @@ class Proc:
         *,
         cwd: str | os.PathLike[str],
         label: str,
-        stdin: object = subprocess.PIPE,
+        stdin: Stdin = subprocess.PIPE,
         env: dict[str, str] | None = None,
     ) -> None:
         self.argv = list(argv)
@@ -114,6 +117,7 @@ class Proc:
             stderr=subprocess.PIPE,
             start_new_session=True,  # a Ctrl-C on pytest must not reach the programs
         )
+        assert self.popen.stdout is not None and self.popen.stderr is not None
         self.out = _Stream(self.popen.stdout, f"{label}-stdout")
         self.err = _Stream(self.popen.stderr, f"{label}-stderr")
 
@@ -152,7 +156,9 @@ class Proc:
             what = "end of output" if got is None else repr(got)
             self.fail(f"{self.label}: expected the next stdout line {line!r}, got {what}")
 
-    def expect_match(self, pattern: str | re.Pattern[str], timeout: float = DEFAULT_TIMEOUT):
+    def expect_match(
+        self, pattern: str | re.Pattern[str], timeout: float = DEFAULT_TIMEOUT
+    ) -> re.Match[str]:
         """Assert that the NEXT stdout line fully matches `pattern`; return the match."""
         got = self.next_line(timeout)
         m = re.fullmatch(pattern, got) if got is not None else None
@@ -511,7 +517,7 @@ class Room:
         return ["-join", "-host", host, "-port", str(port), "-username", name, "-passcode", pc]
 
     def spawn_client(
-        self, *args: str, name: str = "client", stdin: object = subprocess.PIPE
+        self, *args: str, name: str = "client", stdin: Stdin = subprocess.PIPE
     ) -> Client:
         """Start client.py with exactly these arguments; no checks."""
         proc = Client(
@@ -525,7 +531,7 @@ class Room:
         name: str,
         passcode: str | None = None,
         host: str = "127.0.0.1",
-        stdin: object = subprocess.PIPE,
+        stdin: Stdin = subprocess.PIPE,
     ) -> Client:
         """Start a client for `name` and check its Connected line, nothing more."""
         client = self.spawn_client(*self.client_args(name, passcode, host), name=name, stdin=stdin)

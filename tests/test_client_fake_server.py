@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -29,6 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "client.py"
 TIMEOUT = 10.0
 PASSCODE = "abc12"
+# What a child's stdin or stdout can be: subprocess.PIPE or DEVNULL, a file
+# descriptor, a file.
+Stdio = int | IO[bytes]
 
 
 def child_env() -> dict[str, str]:
@@ -41,12 +45,12 @@ def child_env() -> dict[str, str]:
 class Lines:
     """One pipe of the client, read by a thread into a queue of lines."""
 
-    def __init__(self, pipe) -> None:
+    def __init__(self, pipe: IO[bytes]) -> None:
         self._queue: queue.Queue[bytes | None] = queue.Queue()
         self._ended = False
         threading.Thread(target=self._pump, args=(pipe,), daemon=True).start()
 
-    def _pump(self, pipe) -> None:
+    def _pump(self, pipe: IO[bytes]) -> None:
         for raw in iter(pipe.readline, b""):
             self._queue.put(raw)
         self._queue.put(None)
@@ -84,7 +88,11 @@ class Client:
     """A client.py process with piped stdin, stdout and stderr."""
 
     def __init__(
-        self, python: str, args: list[str], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        self,
+        python: str,
+        args: list[str],
+        stdin: Stdio = subprocess.PIPE,
+        stdout: Stdio = subprocess.PIPE,
     ) -> None:
         self.proc = subprocess.Popen(
             [python, str(CLIENT), *args],
@@ -94,8 +102,18 @@ class Client:
             env=child_env(),
             cwd=ROOT,
         )
-        self.stdout = Lines(self.proc.stdout) if stdout == subprocess.PIPE else None
+        assert self.proc.stderr is not None
+        self._stdout: Lines | None = None
+        if stdout == subprocess.PIPE:
+            assert self.proc.stdout is not None
+            self._stdout = Lines(self.proc.stdout)
         self.stderr = Lines(self.proc.stderr)
+
+    @property
+    def stdout(self) -> Lines:
+        """The client's stdout, line by line (only when the test left it piped)."""
+        assert self._stdout is not None, "this client's stdout is not a pipe"
+        return self._stdout
 
     def type(self, *lines: str) -> None:
         assert self.proc.stdin is not None
@@ -113,7 +131,7 @@ class Client:
     def finish(self, timeout: float = TIMEOUT) -> Result:
         """Wait for the exit; the rest of stdout and stderr. Never a traceback."""
         status = self.proc.wait(timeout)
-        result = Result(status, self.stdout.rest() if self.stdout else [], self.stderr.rest())
+        result = Result(status, self._stdout.rest() if self._stdout else [], self.stderr.rest())
         assert not any("Traceback" in line for line in result.stderr), result.stderr
         return result
 
@@ -199,8 +217,8 @@ def start_client(python: str, server: FakeServer) -> Iterator[StartClient]:
         passcode: str = PASSCODE,
         host: str = "127.0.0.1",
         port: int | None = None,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
+        stdin: Stdio = subprocess.PIPE,
+        stdout: Stdio = subprocess.PIPE,
     ) -> Client:
         args = ["-join", "-host", host, "-port", str(port or server.port)]
         args += ["-username", username, "-passcode", passcode, *extra]
@@ -214,7 +232,9 @@ def start_client(python: str, server: FakeServer) -> Iterator[StartClient]:
             process.proc.wait()
 
 
-def connect(server: FakeServer, start_client: StartClient, **options) -> tuple[Client, Peer]:
+def connect(
+    server: FakeServer, start_client: StartClient, **options: object
+) -> tuple[Client, Peer]:
     """A client logged in as alice, its Connected line already checked."""
     chat_client = start_client(**options)
     peer = server.accept()
@@ -502,7 +522,7 @@ def test_cannot_connect(server: FakeServer, start_client: StartClient) -> None:
     ],
 )
 def test_bad_arguments_exit_2_without_connecting(
-    server: FakeServer, start_client: StartClient, options: dict, message: str
+    server: FakeServer, start_client: StartClient, options: dict[str, str | int], message: str
 ) -> None:
     result = start_client(**options).finish()
     assert (result.status, result.stdout, len(result.stderr)) == (2, [], 1)
@@ -523,7 +543,7 @@ def test_missing_join_exits_2(python: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory):
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA, a certificate it signed for localhost and 127.0.0.1, and another CA."""
     trustme = pytest.importorskip("trustme")
     folder = tmp_path_factory.mktemp("tls")

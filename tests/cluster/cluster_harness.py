@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 import pytest
 from harness import (
@@ -107,7 +108,7 @@ class RedisServer:
             return _read_reply(s.makefile("rb"))
 
 
-def _read_reply(f) -> object:
+def _read_reply(f: IO[bytes]) -> object:
     line = f.readline()
     if not line:
         raise OSError("redis closed the connection")
@@ -146,7 +147,7 @@ class Cluster:
 
     # -- servers -----------------------------------------------------------------
 
-    def spawn_server(self, *args: str, label: str = "server", env=None,
+    def spawn_server(self, *args: str, label: str = "server", env: dict[str, str] | None = None,
                      python_args: Sequence[str] = ()) -> Proc:
         proc = Proc([self.python, *python_args, "server.py", *args], cwd=ROOT, label=label,
                     env=env)

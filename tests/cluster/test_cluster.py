@@ -19,6 +19,7 @@ from harness import (
     PASSCODE,
     ROOT,
     Peer,
+    Proc,
     assert_close_to,
     child_env,
     expect_one_error_line,
@@ -31,6 +32,15 @@ from harness import (
 pytestmark = pytest.mark.e2e
 
 KILL_DETECTION_LIMIT = 15.0  # issue 5: a killed server's users are gone within this
+
+
+def next_line_of(who: Proc | Peer) -> str:
+    """The next line a server, client.py or raw connection printed; fails if its
+    output ended instead."""
+    line = who.next_line()
+    if line is None:
+        who.fail(f"{who.label}: expected one more line, got the end of its output")
+    return line
 
 
 # ---------------------------------------------------------------------------
@@ -140,9 +150,10 @@ def test_every_server_sees_the_same_order(cluster: Cluster) -> None:
     n = 150
     alice.send_raw("".join(f"a{i}\n" for i in range(n)).encode())
     bob.send_raw("".join(f"b{i}\n" for i in range(n)).encode())
-    seen = {}
-    for who in (*cluster.live(), carol):
-        seen[who.label] = [who.next_line() for _ in range(2 * n)]
+    seen: dict[str, list[str]] = {}
+    watchers: list[Proc | Peer] = [*cluster.live(), carol]
+    for who in watchers:
+        seen[who.label] = [next_line_of(who) for _ in range(2 * n)]
     orders = list(seen.values())
     for label, got in seen.items():
         for name, tag in (("alice", "a"), ("bob", "b")):
@@ -169,8 +180,8 @@ def test_name_race_exactly_one_wins(cluster: Cluster) -> None:
             peer.expect(":hello chatroom 1")
         a.send_raw(f"LOGIN {PASSCODE} {spellings[0]}\n".encode())
         b.send_raw(f"LOGIN {PASSCODE} {spellings[1]}\n".encode())
-        answers = {a.label: a.next_line(), b.label: b.next_line()}
-        winners = [p for p in (a, b) if answers[p.label] and answers[p.label].startswith(":ok ")]
+        answers = {a.label: next_line_of(a), b.label: next_line_of(b)}
+        winners = [p for p in (a, b) if answers[p.label].startswith(":ok ")]
         losers = [p for p in (a, b) if p not in winners]
         assert len(winners) == 1, f"round {round_}: expected exactly one winner: {answers}"
         loser = losers[0]
@@ -254,7 +265,7 @@ def test_declared_dead_then_back(cluster: Cluster) -> None:
     # back everywhere, and his line reaches everyone once. (Server 1 may show
     # the line before the rest: if its Redis calls timed out while it was
     # frozen, it counts as cut off and shows its own members' lines at once.)
-    got = [frozen.next_line() for _ in range(3)]
+    got = [next_line_of(frozen) for _ in range(3)]
     assert sorted(got) == ["bob joined the chatroom", "bob left the chatroom",
                            "bob: typed while frozen"], got
     assert got.index("bob left the chatroom") < got.index("bob joined the chatroom"), got
@@ -272,11 +283,11 @@ def test_declared_dead_then_back(cluster: Cluster) -> None:
 # ---------------------------------------------------------------------------
 
 
-def expect_interleaved(who, *groups: list[str]) -> None:
+def expect_interleaved(who: Proc | Peer, *groups: list[str]) -> None:
     """The next lines of `who` are exactly the lines of `groups`, each group
     in its own order, interleaved in any way (two servers' backlogs)."""
     want = sorted(line for g in groups for line in g)
-    got = [who.next_line() for _ in want]
+    got = [next_line_of(who) for _ in want]
     assert sorted(got) == want, f"{who.label}: got {got}, expected {groups}"
     for g in groups:
         assert [line for line in got if line in g] == g, f"{who.label}: {g} out of order: {got}"
@@ -336,10 +347,10 @@ def restart_redis_test(redis: RedisServer, hold: float) -> None:
             who.expect("alice: barrier")
         seen: list[str | None] = []
         for _ in range(len(during) + 1):
-            line = dave.next_line()
-            if line == "alice: barrier":
+            said = dave.next_line()
+            if said == "alice: barrier":
                 break
-            seen.append(line)
+            seen.append(said)
         else:
             dave.fail("dave: no barrier line after alice's lines")
         assert seen == during[len(during) - len(seen):], seen

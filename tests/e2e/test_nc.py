@@ -5,6 +5,8 @@ rest checks the server alone."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from harness import PASSCODE, PROGRAM_DIR, Room, time_line_re
 from hypothesis import HealthCheck, assume, given, settings
@@ -236,7 +238,7 @@ _shared_rooms: dict[str, Room] = {}
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _close_shared_rooms():
+def _close_shared_rooms() -> Iterator[None]:
     yield
     for the_room in _shared_rooms.values():
         the_room.close()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from harness import (
     PASSCODE,
+    Client,
     Room,
     assert_close_to,
     expect_one_error_line,
@@ -26,6 +27,14 @@ from harness import (
 )
 
 pytestmark = pytest.mark.e2e
+
+
+def clients(room: Room) -> list[Client]:
+    """The room's members where each is a client.py process (as in the `chat`
+    fixture), for the tests that read stderr, send signals or wait for the exit."""
+    procs = [member for member in room.members if isinstance(member, Client)]
+    assert procs == room.members, "a member of this room is a raw connection"
+    return procs
 
 
 # ---------------------------------------------------------------------------
@@ -257,7 +266,7 @@ def test_exit(chat: Room) -> None:
 
 
 def test_long_message_is_refused_with_one_line_and_the_room_goes_on(chat: Room) -> None:
-    alice, bob, carol = chat.members
+    alice, bob, carol = clients(chat)
     assert chat.server is not None
     alice.send("y" * 5000)
     notice = alice.expect_err_line()
@@ -271,7 +280,7 @@ def test_long_message_is_refused_with_one_line_and_the_room_goes_on(chat: Room) 
 
 
 def test_killed_client_counts_as_exit(chat: Room) -> None:
-    alice, bob, carol = chat.members
+    alice, bob, carol = clients(chat)
     bob.signal(signal.SIGKILL)
     chat.announced_leave(bob)
     chat.say(alice, "bob is gone")
@@ -353,7 +362,7 @@ def test_end_of_input_from_a_file_standalone(room: Room, tmp_path: Path) -> None
 
 
 def test_ctrl_c_on_client_leaves_cleanly(chat: Room) -> None:
-    alice, bob, carol = chat.members
+    alice, bob, carol = clients(chat)
     bob.signal(signal.SIGINT)
     chat.announced_leave(bob)
     status, rest, _err = bob.finish()
@@ -369,7 +378,7 @@ def test_stopping_the_server_tells_every_client(chat: Room, sig: signal.Signals)
     status = chat.server.wait()
     assert status == 0, chat.server.describe()
     chat.server.assert_no_traceback()
-    for client in chat.members:
+    for client in clients(chat):
         expect_one_error_line(client, status=1)
 
 
@@ -393,7 +402,7 @@ def test_duplicate_username_is_refused_and_the_room_sees_nothing(chat: Room) -> 
 
 
 def test_msg_to_unknown_user_tells_only_the_sender(chat: Room) -> None:
-    alice, bob, carol = chat.members
+    alice, bob, carol = clients(chat)
     alice.send(":Msg zed are you there")
     notice = alice.expect_err_line()
     assert notice.strip(), "the notice is an empty line"

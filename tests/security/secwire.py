@@ -23,10 +23,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn, Protocol, TypedDict
 
 import pytest
 from harness import START_RE, Proc, child_env
+
+if TYPE_CHECKING:  # for mypy only: typing.Unpack is Python 3.11+
+    from typing_extensions import Unpack
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSCODE = "abc12"
@@ -263,6 +266,29 @@ class Wire:
 # -- fixtures' engine -----------------------------------------------------------------
 
 
+class ConnectOptions(TypedDict, total=False):
+    """Wire's keyword options that Lab.member and Lab.assert_serving pass on."""
+
+    host: str
+    source: str | None
+    rcvbuf: int | None
+    tls: ssl.SSLContext | None
+    server_hostname: str | None
+
+
+class WireOptions(ConnectOptions, total=False):
+    """Every keyword option of Wire, which Lab.wire passes on."""
+
+    label: str
+
+
+class Member(Protocol):
+    """Someone in the room who is told of joins and leaves: a Wire, or a Proc that
+    runs client.py (both check their next line with `expect`)."""
+
+    def expect(self, line: str, timeout: float = ...) -> None: ...
+
+
 class Lab:
     """Everything one test started, so that teardown can end all of it."""
 
@@ -278,7 +304,7 @@ class Lab:
         self.servers.append(srv)
         return srv
 
-    def wire(self, port: int, **kw) -> Wire:
+    def wire(self, port: int, **kw: Unpack[WireOptions]) -> Wire:
         w = Wire(port, **kw)
         self.wires.append(w)
         return w
@@ -298,7 +324,9 @@ class Lab:
         self.clients.append(proc)
         return proc
 
-    def member(self, srv: Server, name: str, *others: Wire, **kw) -> Wire:
+    def member(
+        self, srv: Server, name: str, *others: Member, **kw: Unpack[ConnectOptions]
+    ) -> Wire:
         """`name` logs in over a raw socket; the server and `others` are told."""
         w = self.wire(srv.port, label=name, **kw).login(name)
         srv.expect(f"{name} joined the chatroom")
@@ -306,7 +334,9 @@ class Lab:
             other.expect(f"{name} joined the chatroom")
         return w
 
-    def assert_serving(self, srv: Server, *members: Wire, **kw) -> None:
+    def assert_serving(
+        self, srv: Server, *members: Member, **kw: Unpack[ConnectOptions]
+    ) -> None:
         """The server still serves: a fresh client logs in, is announced to the
         server and to every member as the NEXT line each prints (so nothing was
         printed for what came before), asks :Users and leaves with :Exit."""
