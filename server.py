@@ -928,11 +928,12 @@ class Hub:
     (after one look for lines that arrived meanwhile, when the last flush
     carried more than one read: PassLoop.look_first), or as soon as a
     member's read is heard when it is the pass's only event (read_done),
-    elsewhere (uvloop) by a callback scheduled once per pass. A broadcast goes
-    into `_bcast`; what sets one connection's stream apart from everyone's
-    (its own messages skipped, lines only for it, joining or leaving
-    mid-pass) is an edit list. Everyone else is sent the same joined bytes:
-    one write per client per pass. A pass that queued only room notices
+    elsewhere (uvloop) by a callback scheduled once per pass; such a read of
+    plain chat, with nothing queued, skips the queue altogether (said). A
+    broadcast goes into `_bcast`; what sets one connection's stream apart
+    from everyone's (its own messages skipped, lines only for it, joining or
+    leaving mid-pass) is an edit list. Everyone else is sent the same joined
+    bytes: one write per client per pass. A pass that queued only room notices
     (joins, leaves) leaves them for up to NOTICE_WAIT, so that a storm of
     logins shares writes; anything else queued meanwhile takes them along.
     """
@@ -1095,7 +1096,26 @@ class Hub:
 
     def said(self, conn: Connection, block: bytes) -> None:
         """A read from member `conn` that was plain chat and nothing else:
-        `block` is its room lines, each ending with a line end."""
+        `block` is its room lines, each ending with a line end.
+
+        When it is the pass's only read (PassLoop.lone), no run of several
+        senders is being gathered (`_look`) and nothing is queued (no line,
+        edit or server line), which is every read of a quiet room, it is
+        written at once, without being queued: to every member but `conn`,
+        then to stdout. That is what flush() would write for it, by a shorter
+        way (docs/PERFORMANCE.md, the eighth "Small rooms" round); read_done,
+        which follows, ends the pass's early write. Otherwise it is queued
+        like any other read, behind what was queued before. (`_ranges` needs
+        no look: a join or a leave queues a line or an edit too, and a member
+        who joined in this pass may be written to now.)"""
+        loop = self._pass_loop
+        if (loop is not None and loop.lone and not self._look and not self._bcast
+                and not self._edits and not self._printed):
+            for other in self.members.values():
+                if other is not conn and not other.dead:
+                    other.send(block)
+            self.write_out(block)
+            return
         self._reads += 1
         self._urgent = True
         self._said(conn, block)

@@ -81,11 +81,16 @@ class RawClients:
         raise AssertionError(f"client {k} never got {want!r}: {self.got[k]!r}")
 
 
-def run_room(reads: list[tuple[int, bytes]], flush_each: bool) -> tuple[list[bytes], bytes]:
+def run_room(reads: list[tuple[int, bytes]], flush_each: bool,
+             lone: bool = False) -> tuple[list[bytes], bytes]:
     """alice, bob and carol log in; then each (who, data) is one read.
-    Returns each one's bytes after the logins, and the server's stdout."""
+    Returns each one's bytes after the logins, and the server's stdout.
+    With `lone`, on a PassLoop, each read is heard as its pass's only one
+    (PassLoop.lone), so that plain chat may skip the queue (Hub.said)."""
 
     async def main() -> tuple[list[bytes], bytes]:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, server.PassLoop) == lone
         out = io.BytesIO()
         hub = server.Hub(server.Room("pw"), server.Limits(), out, now=lambda: NOW)
         conns, transports = [], []
@@ -99,6 +104,8 @@ def run_room(reads: list[tuple[int, bytes]], flush_each: bool) -> tuple[list[byt
         start = [len(tr.data) for tr in transports]
         printed = len(out.getvalue())
         for who, data in reads:
+            if isinstance(loop, server.PassLoop):
+                loop.lone = True
             conns[who].data_received(data)
             if flush_each:
                 hub.flush()
@@ -106,14 +113,18 @@ def run_room(reads: list[tuple[int, bytes]], flush_each: bool) -> tuple[list[byt
         return ([bytes(tr.data[k:]) for tr, k in zip(transports, start, strict=True)],
                 out.getvalue()[printed:])
 
-    return asyncio.run(main())
+    return server.run_on_pass_loop(main()) if lone else asyncio.run(main())
 
 
 def one_read_against_line_by_line(who: int, lines: list[str]) -> None:
+    """The same lines in one read or one read each, queued or (when lone)
+    written at once: every connection and stdout see the same bytes."""
     data = "".join(line + "\n" for line in lines).encode()
+    apart = [(who, line.encode() + b"\n") for line in lines]
     together = run_room([(who, data)], flush_each=False)
-    apart = run_room([(who, line.encode() + b"\n") for line in lines], flush_each=True)
-    assert together == apart
+    assert run_room(apart, flush_each=True) == together
+    assert run_room([(who, data)], flush_each=False, lone=True) == together
+    assert run_room(apart, flush_each=True, lone=True) == together
 
 
 @pytest.mark.parametrize("lines", [
@@ -224,12 +235,13 @@ def test_a_pass_with_one_read_writes_it_at_once_and_two_reads_share_the_pass_end
         return [r[0] for r in results], [r[1] for r in results], [got[0], got[1]]
 
     left, flushes, last = server.run_on_pass_loop(main())
-    # One read: written while it was heard, so no pass ended with it pending.
+    # One read: written while it was heard, so no pass ended with it pending;
+    # plain chat with nothing else queued is not even queued (no flush).
     # Two reads: the pass ended with them pending, and one flush wrote both.
     # One read right after that: the Hub gathers several senders now
     # (look_first), so it waits for the end of the pass too.
     assert left == [False, True, True]
-    assert flushes == [1, 1, 1]
+    assert flushes == [0, 1, 1]
     assert last == [b"", b"alice: four\n"]
 
 
@@ -292,7 +304,11 @@ def test_room_notices_alone_wait_a_moment_and_chat_takes_them_along() -> None:
         seen.append(bytes(transports[0].data[start:]))  # after the wait: there
         start = len(transports[0].data)
         await login("carol")
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, server.PassLoop)
+        loop.lone = True  # the next pass's only read: written at once, but not before the notice
         conns[1].data_received(b"hi\n")  # chat in the next pass takes it along
+        seen.append(bytes(transports[0].data[start:]))
         await asyncio.sleep(0)
         seen.append(bytes(transports[0].data[start:]))
         cancel_login_timers(conns)
@@ -300,7 +316,43 @@ def test_room_notices_alone_wait_a_moment_and_chat_takes_them_along() -> None:
 
     seen = server.run_on_pass_loop(main())
     assert seen == [b"", b"bob joined the chatroom\n",
+                    b"carol joined the chatroom\nbob: hi\n",
                     b"carol joined the chatroom\nbob: hi\n"]
+
+
+@pytest.mark.parametrize("queued, bob_sees, printed", [
+    (server.Deliver("carol left the chatroom"), b"carol left the chatroom\n", b""),
+    (server.Deliver("for bob only", to="bob"), b"for bob only\n", b""),
+    (server.Log("a line of the server's"), b"", b"a line of the server's\n"),
+])
+def test_a_lone_read_of_plain_chat_goes_behind_whatever_is_queued(
+        queued: server.Output, bob_sees: bytes, printed: bytes) -> None:
+    """Plain chat heard as its pass's only read skips the queue only when
+    the queue is empty; otherwise it is written after what is queued, to
+    every connection and to stdout."""
+
+    async def main() -> tuple[bytes, bytes]:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, server.PassLoop)
+        out = io.BytesIO()
+        hub = server.Hub(server.Room("pw"), server.Limits(), out, now=lambda: NOW)
+        conns, transports = [], []
+        for name in ("alice", "bob"):
+            conn, tr = server.Connection(hub), FakeTransport()
+            conn.connection_made(tr)  # type: ignore[arg-type]
+            conn.data_received(f"LOGIN pw {name}\n".encode())
+            hub.flush()
+            conns.append(conn)
+            transports.append(tr)
+        start, printed_before = len(transports[1].data), len(out.getvalue())
+        hub.route([queued])
+        loop.lone = True  # alice's read is the pass's only one
+        conns[0].data_received(b"hi\n")
+        cancel_login_timers(conns)
+        return bytes(transports[1].data[start:]), out.getvalue()[printed_before:]
+
+    assert server.run_on_pass_loop(main()) == (bob_sees + b"alice: hi\n",
+                                               printed + b"alice: hi\n")
 
 
 @pytest.mark.parametrize("ending", ["close", "reset"])
