@@ -81,6 +81,21 @@ class RawClients:
         raise AssertionError(f"client {k} never got {want!r}: {self.got[k]!r}")
 
 
+def logged_in(hub: server.Hub, *names: str,
+              ) -> tuple[list[server.Connection], list[FakeTransport]]:
+    """Connections over fake transports, logged in to `hub` one by one (each
+    login written out before the next), and their transports."""
+    conns, transports = [], []
+    for name in names:
+        conn, tr = server.Connection(hub), FakeTransport()
+        conn.connection_made(tr)  # type: ignore[arg-type]
+        conn.data_received(f"LOGIN pw {name}\n".encode())
+        hub.flush()
+        conns.append(conn)
+        transports.append(tr)
+    return conns, transports
+
+
 def run_room(reads: list[tuple[int, bytes]], flush_each: bool,
              lone: bool = False) -> tuple[list[bytes], bytes]:
     """alice, bob and carol log in; then each (who, data) is one read.
@@ -93,14 +108,7 @@ def run_room(reads: list[tuple[int, bytes]], flush_each: bool,
         assert isinstance(loop, server.PassLoop) == lone
         out = io.BytesIO()
         hub = server.Hub(server.Room("pw"), server.Limits(), out, now=lambda: NOW)
-        conns, transports = [], []
-        for name in ("alice", "bob", "carol"):
-            conn, tr = server.Connection(hub), FakeTransport()
-            conn.connection_made(tr)  # type: ignore[arg-type]
-            conn.data_received(f"LOGIN pw {name}\n".encode())
-            hub.flush()
-            conns.append(conn)
-            transports.append(tr)
+        conns, transports = logged_in(hub, "alice", "bob", "carol")
         start = [len(tr.data) for tr in transports]
         printed = len(out.getvalue())
         for who, data in reads:
@@ -336,14 +344,7 @@ def test_a_lone_read_of_plain_chat_goes_behind_whatever_is_queued(
         assert isinstance(loop, server.PassLoop)
         out = io.BytesIO()
         hub = server.Hub(server.Room("pw"), server.Limits(), out, now=lambda: NOW)
-        conns, transports = [], []
-        for name in ("alice", "bob"):
-            conn, tr = server.Connection(hub), FakeTransport()
-            conn.connection_made(tr)  # type: ignore[arg-type]
-            conn.data_received(f"LOGIN pw {name}\n".encode())
-            hub.flush()
-            conns.append(conn)
-            transports.append(tr)
+        conns, transports = logged_in(hub, "alice", "bob")
         start, printed_before = len(transports[1].data), len(out.getvalue())
         hub.route([queued])
         loop.lone = True  # alice's read is the pass's only one
