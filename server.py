@@ -1100,7 +1100,7 @@ class Hub:
 
         When it is the pass's only read (PassLoop.lone), no run of several
         senders is being gathered (`_look`) and nothing is queued (no line,
-        edit or server line), which is every read of a quiet room, it is
+        edit or server line), as with most reads in a quiet room, it is
         written at once, without being queued: to every member but `conn`,
         then to stdout. That is what flush() would write for it, by a shorter
         way (docs/PERFORMANCE.md, the eighth "Small rooms" round); read_done,
