@@ -109,7 +109,7 @@ class Grid:
     paced_reps: int = 5  # paced runs per cell, servers taking turns; the median p99 is kept
     # ... and where a run is short (N <= small_n) more of them: a small room's
     # p99 is a few hundred microseconds, so the machine's noise is largest
-    # there (9 until 2026-11-30 11:20; docs/PERFORMANCE.md, "How many runs")
+    # there (9 until 2026-11-30 11:05; docs/PERFORMANCE.md, "How many runs")
     paced_reps_small: int = 15
     small_n: int = 100
     paced_duration: float = 3.0
