@@ -131,7 +131,8 @@ LABEL = {"ours": "ours", "ours-uvloop": "ours+uvloop", "ngircd": "ngircd"}
 
 def make_server(name: str, args: argparse.Namespace) -> Any:
     if name == "ours":
-        return OurServer(cpus=args.server_cpus, script=args.script)
+        return OurServer(python=getattr(args, "server_python", sys.executable),
+                         cpus=args.server_cpus, script=args.script)
     if name == "ours-uvloop":
         return OurServer(python=args.uvloop_python, uvloop=True, cpus=args.server_cpus,
                          script=args.script)
@@ -456,6 +457,20 @@ def snapshot(folder: Path) -> Path:
     return folder / "server.py"
 
 
+def interpreter(python: str) -> dict[str, str]:
+    """Which Python a server runs on, and how it was built: a build without
+    profile-guided optimisation runs the same Python code markedly slower."""
+    code = ("import sys, sysconfig; print(sys.version.split()[0]); "
+            "print(sysconfig.get_config_var('CONFIG_ARGS') or '')")
+    try:
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True,
+                             timeout=30).stdout.split("\n", 1)
+    except (OSError, subprocess.SubprocessError):
+        return {"path": python}
+    return {"path": python, "version": out[0],
+            "config_args": out[1].strip() if len(out) > 1 else ""}
+
+
 def meta(args: argparse.Namespace, grid: Grid, servers: list[str]) -> dict[str, Any]:
     server_py = args.script.read_bytes()
     m: dict[str, Any] = {
@@ -464,6 +479,7 @@ def meta(args: argparse.Namespace, grid: Grid, servers: list[str]) -> dict[str, 
         "servers": servers,
         "grid": dataclasses.asdict(grid),
         "python": sys.version.split()[0],
+        "server_python": interpreter(args.server_python),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "server_py_sha256": hashlib.sha256(server_py).hexdigest(),
@@ -489,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--servers", default="ours,ngircd", help="comma-separated: ours, ngircd")
     ap.add_argument("--uvloop", action="store_true",
                     help="also run our server on uvloop, if the interpreter has it")
+    ap.add_argument("--server-python", default=sys.executable,
+                    help="interpreter that runs our server on the default loop "
+                         "(default: this one)")
     ap.add_argument("--uvloop-python", default=sys.executable,
                     help="interpreter with uvloop installed (default: this one)")
     ap.add_argument("--receivers", help="override N, e.g. 10,100,1000")

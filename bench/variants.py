@@ -4,6 +4,8 @@
     python3 bench/variants.py before.py after.py --ngircd          # paced, N=10, S=1 and 4
     python3 bench/variants.py a.py b_uv.py -n 100 --reps 3          # a name ending in
                                                                     # `uv` runs with -uvloop
+    python3 bench/variants.py a.py a.py@/usr/bin/python3            # FILE@PYTHON: another
+                                                                    # interpreter
 
 For trying a change to server.py before it lands: each file is a whole
 server.py. Every cell runs on a fresh server with the same method as
@@ -33,7 +35,7 @@ import run
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("variants", nargs="*", type=Path, help="copies of server.py")
+    ap.add_argument("variants", nargs="*", help="copies of server.py (FILE or FILE@PYTHON)")
     ap.add_argument("--ngircd", action="store_true", help="also run ngircd")
     ap.add_argument("-n", "--receivers", type=int, default=10)
     ap.add_argument("-s", "--senders", default="1,4")
@@ -44,9 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     a = ap.parse_args(argv)
     entries: list[tuple[str, str, Path | None]] = []
-    for path in a.variants:
-        path = path.resolve()
-        entries.append((path.stem, "ours-uvloop" if path.stem.endswith("uv") else "ours", path))
+    pythons: dict[str, str] = {}
+    for spec in a.variants:
+        # FILE@PYTHON runs that copy on another interpreter
+        name, _, python = str(spec).partition("@")
+        path = Path(name).resolve()
+        label = path.stem + (f"@{Path(python).name}" if python else "")
+        pythons[label] = os.path.abspath(python) if python else sys.executable
+        entries.append((label, "ours-uvloop" if path.stem.endswith("uv") else "ours", path))
     if a.ngircd:
         entries.append(("ngircd", "ngircd", None))
     if not entries:
@@ -66,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(reps):
             for label, kind, path in run.rotated(entries, rep):
                 args.script = path
+                args.server_python = pythons.get(label, sys.executable)
                 row = run.run_cell(kind, a.receivers, s, a.mode, grid, args)
-                row.update(variant=label, rep=rep)
+                row.update(variant=label, rep=rep, server_python=args.server_python)
                 rows.append(row)
                 print(f"{label:>14} N={a.receivers} S={s} run {rep + 1}: "
                       f"p50 {row.get('p50_us') or 0:7.0f} us  "

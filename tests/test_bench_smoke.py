@@ -41,6 +41,9 @@ def test_bench_quick_runs_and_writes_json(tmp_path: Path) -> None:
     data = json.loads(stamped.read_text())
     assert set(data) >= {"meta", "runs", "joins", "comparison", "targets"}
     assert data["meta"]["quick"] is True and data["meta"]["servers"] == ["ours"]
+    # The server's interpreter is recorded with how it was built.
+    assert data["meta"]["server_python"]["path"] == sys.executable
+    assert data["meta"]["server_python"]["version"] == sys.version.split()[0]
 
     runs = data["runs"]
     assert {(r["mode"], r["senders"]) for r in runs} == {
@@ -75,6 +78,8 @@ def test_variants_runs_copies_of_server_py_side_by_side(tmp_path: Path) -> None:
         copy = tmp_path / name
         copy.write_bytes((ROOT / "server.py").read_bytes())
         copies.append(str(copy))
+    # FILE@PYTHON runs a copy on the interpreter named (here the same one).
+    copies[1] += f"@{sys.executable}"
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "variants.py"), *copies, "--quick", "-n", "3",
          "-s", "1", "--out", str(tmp_path / "out")],
@@ -82,7 +87,8 @@ def test_variants_runs_copies_of_server_py_side_by_side(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     [out] = (tmp_path / "out").glob("variants-*.json")
     rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["one", "two"]
+    assert [r["variant"] for r in rows] == ["one", f"two@{Path(sys.executable).name}"]
+    assert [r["server_python"] for r in rows] == [sys.executable, sys.executable]
     for r in rows:
         assert "error" not in r, r
         assert r["sent"] > 0 and r["lost"] == 0 and r["out_of_order"] == 0, r
