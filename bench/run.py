@@ -131,8 +131,7 @@ LABEL = {"ours": "ours", "ours-uvloop": "ours+uvloop", "ngircd": "ngircd"}
 
 def make_server(name: str, args: argparse.Namespace) -> Any:
     if name == "ours":
-        return OurServer(python=getattr(args, "server_python", sys.executable),
-                         cpus=args.server_cpus, script=args.script)
+        return OurServer(python=args.server_python, cpus=args.server_cpus, script=args.script)
     if name == "ours-uvloop":
         return OurServer(python=args.uvloop_python, uvloop=True, cpus=args.server_cpus,
                          script=args.script)
@@ -458,8 +457,9 @@ def snapshot(folder: Path) -> Path:
 
 
 def interpreter(python: str) -> dict[str, str]:
-    """Which Python a server runs on, and how it was built: a build without
-    profile-guided optimisation runs the same Python code markedly slower."""
+    """Which Python a server runs on: its path, version and configure options.
+    The build matters (docs/PERFORMANCE.md, "The interpreter"), but the options
+    do not always show it: Debian keeps its PGO and LTO flags out of them."""
     code = ("import sys, sysconfig; print(sys.version.split()[0]); "
             "print(sysconfig.get_config_var('CONFIG_ARGS') or '')")
     try:

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         name, _, python = str(spec).partition("@")
         path = Path(name).resolve()
         label = path.stem + (f"@{Path(python).name}" if python else "")
-        pythons[label] = os.path.abspath(python) if python else sys.executable
+        pythons[label] = python or sys.executable
         entries.append((label, "ours-uvloop" if path.stem.endswith("uv") else "ours", path))
     if a.ngircd:
         entries.append(("ngircd", "ngircd", None))
