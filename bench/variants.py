@@ -45,17 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one run, no waiting")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     a = ap.parse_args(argv)
-    entries: list[tuple[str, str, Path | None]] = []
-    pythons: dict[str, str] = {}
+    entries: list[tuple[str, str, Path | None, str]] = []  # label, kind, copy, interpreter
     for spec in a.variants:
         # FILE@PYTHON runs that copy on another interpreter
         name, _, python = str(spec).partition("@")
         path = Path(name).resolve()
         label = path.stem + (f"@{Path(python).name}" if python else "")
-        pythons[label] = python or sys.executable
-        entries.append((label, "ours-uvloop" if path.stem.endswith("uv") else "ours", path))
+        entries.append((label, "ours-uvloop" if path.stem.endswith("uv") else "ours", path,
+                        python or sys.executable))
     if a.ngircd:
-        entries.append(("ngircd", "ngircd", None))
+        entries.append(("ngircd", "ngircd", None, sys.executable))
     if not entries:
         ap.error("nothing to run: give server.py copies and/or --ngircd")
     cpus = sorted(os.sched_getaffinity(0))
@@ -71,9 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for s in (int(x) for x in a.senders.split(",")):
         for rep in range(reps):
-            for label, kind, path in run.rotated(entries, rep):
-                args.script = path
-                args.server_python = pythons.get(label, sys.executable)
+            for label, kind, path, python in run.rotated(entries, rep):
+                args.script, args.server_python = path, python
                 row = run.run_cell(kind, a.receivers, s, a.mode, grid, args)
                 row.update(variant=label, rep=rep, server_python=args.server_python)
                 rows.append(row)
@@ -86,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
     print()
     for s in (int(x) for x in a.senders.split(",")):
-        for label, _, _ in entries:
+        for label, *_ in entries:
             mine = [r for r in rows if r["variant"] == label and r.get("senders") == s
                     and "error" not in r]
             if not mine:
