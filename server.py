@@ -3,24 +3,26 @@
 
     python3 server.py -start -port <port> -passcode <passcode> [options]
 
-The contract is SPEC.md; the wire protocol is docs/PROTOCOL.md. This file runs
+The contract is docs/SPEC.md; the wire protocol is docs/PROTOCOL.md. This file runs
 alone (standard library only, Python 3.10+) and is laid out in three parts,
 top to bottom:
 
-1. THE PURE CORE. Bytes to lines (LineReader), a line to a command value
-   (parse_command), the room's state and its transitions (Room), and the
-   login throttle. Every transition returns plain values saying what to
-   deliver to whom and what the server prints. Nothing in the core touches
-   asyncio, sockets, files or clocks: the current time is passed in. It is
-   unit-tested from tables with no event loop (tests/unit/test_core.py).
-2. THE ASYNCIO TRANSPORT. One event loop (asyncio's, with a hook at the
-   end of each pass, and members' reads served straight from the poll:
-   PassLoop), one Protocol per connection, the limits
-   against hostile or broken clients, and write coalescing: what is due to
-   one client in one pass of the loop goes out in one write, at the end of
-   the pass (at once when the pass has only one read; room notices alone
-   may wait a few milliseconds for more), and a broadcast is encoded and
-   joined once for everyone.
+1. THE PURE CORE, with no asyncio, socket, file or clock (the time is
+   passed in), tested with no event loop (tests/core, tests/outbox):
+   bytes to lines (LineReader), a line to a command (parse_command), the
+   room and its transitions (Room: inputs in, outputs out), the login
+   throttle, the Outbox (what each connection is owed in one pass: a
+   broadcast joined once, each connection's own view as edits), and the
+   Core, which is the whole server without I/O. The transport tells the
+   Core four things: connect(cid, addr, now), receive(cid, data, now) -
+   the one entry point for every read - lost(cid) and expire(now). What
+   they cause lands in the Core's outbox. A room log (RoomLog: a cluster)
+   may stand between the Core and the Room; alone, inputs apply at once.
+2. THE ASYNCIO TRANSPORT, on the stock loop (asyncio's or uvloop): one
+   Connection (a BufferedProtocol) per TCP or TLS client, reached by the
+   Hub only through the small Peer interface (write, close, abort, pause
+   and resume reading, its address); the Hub passes events to the Core with
+   the time and writes what it queued once per pass, with one call_soon.
 3. THE COMMAND LINE.
 
 Rules this file keeps: the server's stdout carries only the contract's lines;
@@ -32,14 +34,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextvars
 import errno
 import hmac
 import ipaddress
 import itertools
-import os
 import re
-import selectors
 import signal
 import socket
 import ssl
@@ -50,7 +49,10 @@ import unicodedata
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Final, TypeVar, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Final, Protocol, cast
+
+if TYPE_CHECKING:  # the optional cluster, for its type only (imported when -redis is given)
+    from chatroom_ext.cluster import RedisLog
 
 # ============================================================================
 # 1. The pure core
@@ -416,10 +418,6 @@ class Refused:
     text: str
 
 
-_PLAIN_BYTES: Final = bytes(range(0x20, 0x7F)) + b"\n"  # printable ASCII and the line end
-_NOT_FIRST: Final = b" :\\\n"  # a read taken as it is does not start a line with these
-
-
 class Room:
     """One chat room: who is in it, in join order, and what each act causes."""
 
@@ -463,51 +461,6 @@ class Room:
                 return [TurnAway(inp.ticket, "name-taken", text)]
             return [Welcome(inp.ticket, inp.name), *self.join(inp.name)]
         return self.leave(inp.name)
-
-    def said_line(self, name: str, text: str) -> str | None:
-        """The room line of member `name`'s plain chat text, or None.
-
-        A shortcut of step() for the commonest input: when it returns a line,
-        step(Typed(name, text, now)) gives exactly [Log(line), Deliver(line,
-        skip=name)] and changes nothing (a property test holds the two
-        together). It answers None whenever the text needs a closer look: a
-        command or an escape (a leading `:` or backslash), a blank line, any
-        character that is not printable ASCII, or a name that is not in."""
-        if (name in self._present and text and text[0] != ":" and text[0] != "\\"
-                and text.isascii() and text.isprintable() and not text.isspace()):
-            return f"{name}: {text}"
-        return None
-
-    def said_lines(self, name: str, texts: list[str]) -> str | None:
-        """said_line() for several texts at once: their room lines joined by
-        line ends when said_line() gives a line for every one, else None.
-        Each check runs once over all the texts, in C, not once per text."""
-        if not texts or name not in self._present:
-            return None
-        block = "\n".join(texts)
-        if (block.isascii() and all(map(str.isprintable, texts))
-                and not any(map(str.isspace, texts)) and "" not in texts
-                and block[0] != ":" and block[0] != "\\"
-                and "\n:" not in block and "\n\\" not in block):
-            prefix = f"{name}: "
-            return prefix + block.replace("\n", "\n" + prefix)
-        return None
-
-    def said_bytes(self, name: str, data: bytes) -> bytes | None:
-        """said_lines() for a read of whole lines (`data` ends with a line
-        end, none of them is too long), from bytes to bytes: the room lines,
-        each ending with a line end, or None. Where it gives lines, they are
-        said_lines()'s; it declines whatever said_lines() declines, and also
-        a line with a CR (which the reader would drop before the line end) or
-        starting with a space (which could be blank). Those take the long
-        way, where the same rules decide. Printable ASCII is checked in one
-        C call, and nothing is decoded."""
-        if (name not in self._present or data.translate(None, _PLAIN_BYTES)
-                or data[0] in _NOT_FIRST or b"\n\n" in data or b"\n:" in data
-                or b"\n\\" in data or b"\n " in data):
-            return None
-        prefix = name.encode() + b": "
-        return prefix + data[:-1].replace(b"\n", b"\n" + prefix) + b"\n"
 
     def join(self, name: str) -> list[Output]:
         """`name` (already checked) enters the room."""
@@ -635,16 +588,7 @@ def parse_login(line: str) -> tuple[str, str] | None:
     return parts[1], parts[2]
 
 
-# ============================================================================
-# 2. The asyncio transport
-# ============================================================================
-
 LOOPBACK: Final = ("127.0.0.0/8", "::1/128")
-READ_BUFFER: Final = 256 << 10  # bytes read from a socket at once, as asyncio's own
-# How long room notices (joins, leaves) may wait to share a write when
-# nothing else is queued: in a storm of logins, one write per member per
-# wait instead of one per login (uvloop finishes about one login per pass).
-NOTICE_WAIT: Final = 0.005
 
 
 @dataclass(frozen=True)
@@ -664,693 +608,121 @@ class Limits:
         return [ipaddress.ip_network(n, strict=False) for n in self.exempt]
 
 
-class _PollHookSelector(selectors.DefaultSelector):
-    """The platform's selector, running the loop's `before_poll` hooks first."""
+# --- The outbox: what each connection is owed in one pass ---------------------
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.loop: PassLoop | None = None
-        self.looked = False  # the last poll was a look_first one that found input
-
-    def select(self, timeout: float | None = None) -> Any:
-        loop = self.loop
-        if loop is not None and loop.before_poll:
-            if loop.look_first and not self.looked:  # take in what arrived meanwhile
-                ready = super().select(0)
-                if ready:
-                    self.looked = True  # and then the hooks, whatever arrives next
-                    loop.lone = False
-                    return self._served(loop, ready)
-            self.looked = loop.look_first = False
-            loop.scheduled = False
-            for hook in loop.before_poll:
-                hook()
-            if loop.scheduled:
-                timeout = 0  # the hooks queued callbacks or timers: look again, don't sleep
-        ready = super().select(timeout)
-        if loop is not None:
-            loop.lone = len(ready) == 1
-            return self._served(loop, ready)
-        return ready
-
-    @staticmethod
-    def _served(loop: PassLoop, ready: list[tuple[selectors.SelectorKey, int]],
-                ) -> list[tuple[selectors.SelectorKey, int]]:
-        """What is left of `ready` for asyncio once loop.serve_read has
-        served the reads it takes."""
-        serve = loop.serve_read
-        if serve is None or not ready:
-            return ready
-        if len(ready) == 1:  # the commonest poll: one read
-            key, events = ready[0]
-            return [] if events == selectors.EVENT_READ and serve(key.fd) else ready
-        return [(key, events) for key, events in ready
-                if events != selectors.EVENT_READ or not serve(key.fd)]
+ConnId = int  # a connection, numbered by the transport; never reused
 
 
-_T = TypeVar("_T")  # what run_on_pass_loop's coroutine returns
+@dataclass(slots=True)
+class Batch:
+    """One pass's output: the bytes for each connection (in the order
+    connections were first owed something), the connections to close once
+    their bytes are written, and the server's own lines for stdout."""
+
+    writes: list[tuple[ConnId, bytes]]
+    close: list[ConnId]
+    printed: bytes
 
 
-class PassLoop(asyncio.SelectorEventLoop):
-    """asyncio's selector loop, able to act at the end of each pass.
+class Outbox:
+    """What each connection is owed in one pass, decided with no I/O.
 
-    A pass of the loop polls for I/O once and then runs every callback that
-    is ready; the functions in `before_poll` run after the last of those
-    callbacks, just before the next poll. The Hub writes there: once per pass,
-    after every client whose data arrived in it has been heard, and without
-    the extra poll that a flush scheduled with call_soon would cost. When a
-    hook schedules a callback (closing a transport does) or a timer (the
-    Hub's wait for more room notices), that poll does not block: the loop
-    has already chosen how long to sleep, without them. The loop calls its
-    selector's select() once per pass, after running what was ready, on
-    every Python this file supports.
+    A broadcast goes to every recipient (this server's members), encoded and
+    joined once for all of them. What sets one connection's stream apart
+    from everyone's (its own line skipped, a line for it alone, joining or
+    leaving the recipients mid-pass) is kept as edits against the list of
+    broadcasts, so order holds for everyone: a member sees exactly the
+    broadcasts made while it was a recipient, with its own lines slotted in
+    where they were queued. take() empties the outbox into a Batch: one
+    write per connection per pass.
 
-    Setting `look_first` asks for one look before the hooks run: a poll that
-    does not wait, and if anything has arrived since the pass began, one
-    more pass to handle it first. The Hub sets it when it has lines queued
-    and its last write carried more than one read, so that senders whose
-    lines arrive a few microseconds apart share one write per client instead
-    of each costing a round of writes. A lone sender's lines are not held
-    for a look that would find nothing: side by side, that look cost more
-    than its system call. The hooks wait at most one extra pass, however
-    often it is set; it is cleared when they run.
-
-    `lone` is True while the pass's poll returned a single event: no other
-    read in this pass can share a write with the one being handled, so the
-    Hub may write a member's lines as soon as it has heard them, without
-    waiting for the end of the pass (Hub.read_done). Whoever writes early
-    clears it: at most one early write per pass.
-
-    `serve_read(fd)`, when set, is offered every read the poll reports,
-    in the poll's order, before asyncio dispatches anything. It returns True
-    when it has served the read itself, and the poll then reports the rest:
-    the reader handle, the ready queue and the transport's read method are
-    skipped. When one member speaks and nobody else does, that is the whole
-    of a pass. It returns False to leave the event to asyncio as usual.
-    Served reads run before the callbacks already queued for this pass
-    (a connection closed at the end of the last pass learns of it after
-    them), which is one more order a poll could have given."""
-
-    def __init__(self) -> None:
-        selector = _PollHookSelector()
-        super().__init__(selector)
-        selector.loop = self
-        self.before_poll: list[Callable[[], None]] = []
-        self.scheduled = False
-        self.look_first = False
-        self.lone = False
-        self.serve_read: Callable[[int], bool] | None = None
-
-    def call_soon(self, callback: Callable[..., Any], *args: Any,  # type: ignore[override]
-                  context: contextvars.Context | None = None) -> asyncio.Handle:
-        self.scheduled = True
-        return super().call_soon(callback, *args, context=context)
-
-    def call_at(self, when: float, callback: Callable[..., Any], *args: Any,  # type: ignore[override]
-                context: contextvars.Context | None = None) -> asyncio.TimerHandle:
-        self.scheduled = True
-        return super().call_at(when, callback, *args, context=context)
-
-
-def run_on_pass_loop(main: Coroutine[Any, Any, _T]) -> _T:
-    """asyncio.run(main), on a PassLoop."""
-    if sys.version_info >= (3, 11):
-        with asyncio.Runner(loop_factory=PassLoop) as runner:  # novm
-            return runner.run(main)
-
-    class Policy(asyncio.DefaultEventLoopPolicy):
-        def new_event_loop(self) -> asyncio.AbstractEventLoop:
-            return PassLoop()
-
-    asyncio.set_event_loop_policy(Policy())
-    try:
-        return asyncio.run(main)
-    finally:
-        asyncio.set_event_loop_policy(None)
-
-
-class Connection(asyncio.BufferedProtocol):
-    """One client connection. It frames lines and hands them to the Hub.
-
-    It reads into the Hub's one buffer (get_buffer/buffer_updated): a plain
-    Protocol would have asyncio allocate, shrink and free a 256 KiB bytes
-    object for every read, which malloc turns into three more system calls."""
-
-    __slots__ = ("addr", "backlog", "clear", "close_after_flush", "dead", "fd", "hub", "name",
-                 "reader", "ticket", "timer", "transport")
-
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
-        self.transport: asyncio.Transport | None = None
-        self.addr = ""
-        self.name: str | None = None  # set while this connection is a member
-        self.ticket: str | None = None  # set while its login waits for the room
-        self.backlog: list[Received] | None = None  # lines that came meanwhile
-        self.reader = hub.new_reader()
-        self.timer: asyncio.TimerHandle | None = None
-        self.dead = False
-        self.close_after_flush = False
-        self.fd = -1  # the socket, when send() may write to it directly
-        self.clear = False  # set while the transport holds nothing of ours
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A stream transport (uvloop's do not subclass asyncio.Transport).
-        self.transport = cast(asyncio.Transport, transport)
-        if self.hub.direct_writes and transport.get_extra_info("sslcontext") is None:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                self.fd = sock.fileno()
-                self.hub.by_fd[self.fd] = self
-        peer = transport.get_extra_info("peername")
-        self.addr = address_key(str(peer[0])) if peer else ""
-        self.hub.connected(self)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.hub.read_buffer  # callbacks never overlap: one buffer serves all
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self.hub.read_buffer[:nbytes])  # the reader copies what it keeps
-
-    def data_received(self, data: bytes | memoryview) -> None:
-        if self.name is not None:
-            hub = self.hub
-            if hub.submit is hub._local and self.reader.whole(data):
-                block = hub.room.said_bytes(self.name, bytes(data))
-                if block is not None:  # plain chat, the commonest read of all
-                    hub.said(self, block)
-                    hub.read_done()
-                    return
-            hub.heard(self, self.reader.feed(data))
-            hub.read_done()
-            return
-        items = self.reader.feed(data)
-        for item in items:
-            if self.dead or self.close_after_flush:
-                break
-            if self.backlog is not None:
-                self.backlog.append(item)
-            else:
-                self.hub.received(self, item)
-
-    def eof_received(self) -> bool:
-        # What it is owed goes out before the close (the Hub may have looked
-        # for more input, and found this end, before writing).
-        self.hub.flush_pending()
-        return False  # close our side too: a half-closed client has left
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.hub.lost(self)
-
-    def pause_writing(self) -> None:
-        # The write buffer passed max_sendq: this client stopped reading.
-        # Drop it rather than hold its backlog; the room is told it left
-        # when connection_lost follows.
-        assert self.transport is not None
-        self.dead = True
-        self.clear = False
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:  # reset, so the kernel frees what it still holds for it
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except OSError:
-                pass
-        self.transport.abort()
-
-    def send(self, data: bytes) -> None:
-        """Write `data` after everything written to this connection before.
-
-        While the transport holds nothing of ours it goes straight to the
-        socket: one system call without the transport's checks in front of
-        it (about 0.3 microseconds a write, paid for every member of a room
-        on every pass). The transport takes what the socket does not, and
-        any error, so that order, the SendQ limit (pause_writing) and
-        closing a broken connection stay its own. Only for plain sockets on
-        the PassLoop (Hub.direct_writes), never TLS."""
-        if not self.clear:
-            transport = self.transport
-            assert transport is not None
-            if (self.fd < 0 or self.dead or transport.is_closing()
-                    or transport.get_write_buffer_size()):
-                transport.write(data)
-                return
-            self.clear = True
-        try:
-            sent = os.write(self.fd, data)
-        except OSError:  # full or broken: the transport meets it again and acts
-            sent = 0
-        if sent != len(data):
-            self.clear = False
-            self.transport.write(data[sent:])  # type: ignore[union-attr]
-
-    def write_now(self, line: str) -> None:
-        """Write one protocol line at once (outside the room's coalescing)."""
-        if self.transport is not None and not self.dead:
-            self.send(line.encode() + b"\n")
-
-    def refuse(self, code: str, text: str) -> None:
-        """Say why in one line, then close; nothing more is read or written."""
-        self.write_now(f":error {code} {text}")
-        if self.transport is not None:
-            self.transport.close()
-        self.dead = True
-        self.clear = False
-
-
-class Hub:
-    """The room on this server: connections, limits, and coalesced delivery.
-
-    Inputs to the room go through `submit`: by default straight to apply();
-    a cluster replaces it with a shared log that calls apply() on every
-    server in the same order. Outputs only reach this server's connections.
-
-    Deliveries are queued for the current pass of the event loop and written
-    by flush() at its end: on a PassLoop just before the loop polls again
-    (after one look for lines that arrived meanwhile, when the last flush
-    carried more than one read: PassLoop.look_first), or as soon as a
-    member's read is heard when it is the pass's only event (read_done),
-    elsewhere (uvloop) by a callback scheduled once per pass; such a read of
-    plain chat, with nothing queued, skips the queue altogether (said). A
-    broadcast goes into `_bcast`; what sets one connection's stream apart
-    from everyone's (its own messages skipped, lines only for it, joining or
-    leaving mid-pass) is an edit list. Everyone else is sent the same joined
-    bytes: one write per client per pass. A pass that queued only room notices
-    (joins, leaves) leaves them for up to NOTICE_WAIT, so that a storm of
-    logins shares writes; anything else queued meanwhile takes them along.
+    `urgent` is False while everything queued is room notices (joins and
+    leaves): the transport may let those wait a moment for company.
     """
 
-    def __init__(self, room: Room, limits: Limits, out: BinaryIO, now: Any = time.time,
-                 node: str = "local") -> None:
-        self.room = room
-        self.limits = limits
-        self.out = out
-        self.now = now
-        self.node = node
-        self.submit: Callable[[Input], None] = self.apply
-        self._local = self.submit  # while submit is this, inputs are applied here and now
-        self.throttle = LoginThrottle(limits.login_failures, limits.failure_window)
-        self.members: dict[str, Connection] = {}  # this server's members, by name
-        self.waiting: dict[str, Connection] = {}  # logins waiting for the room, by ticket
-        self.connections: set[Connection] = set()
-        self.per_ip: dict[str, int] = {}
-        self._tickets = itertools.count(1)
-        self._exempt = limits.networks()
-        self._exempt_cache: dict[str, bool] = {}
-        self._loop = loop = asyncio.get_running_loop()
-        self._scheduled = False  # something is queued that flush() has not written
-        self._reads = 0  # members' reads heard since the last flush
-        self._urgent = False  # queued: more than room notices (flush at the pass end)
-        self._notices: asyncio.TimerHandle | None = None  # notices only, due then
-        self._look = False  # the last flush carried several: look before the next
-        self._pass_loop = loop if isinstance(loop, PassLoop) else None  # flush() runs by itself
-        # Connection.send may write to the socket itself (a socket is a file there)
-        self.direct_writes = self._pass_loop is not None and os.name == "posix"
-        self.by_fd: dict[int, Connection] = {}  # plain sockets (direct_writes), by descriptor
-        if self._pass_loop is not None:
-            self._pass_loop.before_poll.append(self.pass_end)
-            self._pass_loop.serve_read = self.serve_read
-        self.read_buffer = memoryview(bytearray(READ_BUFFER))
+    __slots__ = ("_bcast", "_close", "_edits", "_printed", "_ranges", "recipients", "urgent")
+
+    def __init__(self) -> None:
+        self.recipients: dict[ConnId, None] = {}  # members, in join order (a set that keeps it)
+        self.urgent = False
         self._bcast: list[bytes] = []
-        self._edits: dict[Connection, list[tuple[int, bytes | None]]] = {}
-        self._ranges: dict[Connection, list[int]] = {}
-        self._printed: list[bytes] = []  # the server's lines for stdout, each ending in a line end
+        self._edits: dict[ConnId, list[tuple[int, bytes | None]]] = {}
+        self._ranges: dict[ConnId, list[int]] = {}  # [from, until): joined or left mid-pass
+        self._close: list[ConnId] = []
+        self._printed: list[bytes] = []
 
-    def new_reader(self) -> LineReader:
-        return LineReader(self.limits.max_line)
+    def __bool__(self) -> bool:
+        return bool(self._bcast or self._edits or self._ranges or self._close or self._printed)
 
-    # -- connection life ----------------------------------------------------
+    def add(self, cid: ConnId) -> None:
+        """`cid` receives broadcasts from now on (once per connection: a
+        member that leaves is not added again)."""
+        self.recipients[cid] = None
+        self._ranges[cid] = [len(self._bcast), -1]
 
-    def exempt(self, addr: str) -> bool:
-        """Is `addr` (an address_key) inside a network exempt from the limits?"""
-        hit = self._exempt_cache.get(addr)
-        if hit is None:
-            try:
-                net = ipaddress.ip_network(addr, strict=False)
-                hit = any(net.version == ex.version and net.subnet_of(ex)  # type: ignore[arg-type]
-                          for ex in self._exempt)
-            except ValueError:
-                hit = False
-            if len(self._exempt_cache) < 4096:
-                self._exempt_cache[addr] = hit
-        return hit
+    def remove(self, cid: ConnId) -> None:
+        """`cid` receives no broadcast from now on (what it is owed stays)."""
+        if cid in self.recipients:
+            del self.recipients[cid]
+            self._ranges.setdefault(cid, [0, -1])[1] = len(self._bcast)
 
-    def connected(self, conn: Connection) -> None:
-        limits = self.limits
-        if len(self.connections) >= limits.max_clients:
-            conn.refuse("full", "The server is full; try again later")
-            return
-        if not self.exempt(conn.addr) and self.per_ip.get(conn.addr, 0) >= limits.max_per_ip:
-            conn.refuse("full", "Too many connections from your address")
-            return
-        self.connections.add(conn)  # counted against the limits until lost
-        self.per_ip[conn.addr] = self.per_ip.get(conn.addr, 0) + 1
-        assert conn.transport is not None
-        conn.transport.set_write_buffer_limits(high=limits.max_sendq)
-        conn.timer = self._loop.call_later(limits.login_timeout, self.login_timed_out, conn)
-        conn.write_now(f":hello chatroom {PROTOCOL_VERSION}")
-
-    def login_timed_out(self, conn: Connection) -> None:
-        conn.timer = None
-        if conn.name is None and not conn.dead:  # also when the room never answered
-            if conn.ticket is not None:
-                self.waiting.pop(conn.ticket, None)
-            conn.refuse("login-timeout", "The login was not finished in time")
-
-    def lost(self, conn: Connection) -> None:
-        conn.dead = True
-        if self.by_fd.get(conn.fd) is conn:
-            del self.by_fd[conn.fd]
-        conn.clear, conn.fd = False, -1  # its socket is closed: the number may come back
-        if conn.timer is not None:
-            conn.timer.cancel()
-            conn.timer = None
-        if conn in self.connections:
-            self.connections.remove(conn)
-            left = self.per_ip[conn.addr] - 1
-            if left:
-                self.per_ip[conn.addr] = left
-            else:
-                del self.per_ip[conn.addr]
-        self._edits.pop(conn, None)
-        self._ranges.pop(conn, None)
-        if conn.ticket is not None:  # its Welcome, if one comes, finds nobody
-            self.waiting.pop(conn.ticket, None)
-        name = conn.name
-        if name is not None:
-            conn.name = None
-            del self.members[name]
-            self.submit(Gone(name))
-
-    # -- lines in -------------------------------------------------------------
-
-    def heard(self, conn: Connection, items: list[Received]) -> None:
-        """The lines of one read from member `conn`, in order.
-
-        While inputs are applied here, plain chat takes the room's own
-        shortcut (no values are built): a read of nothing else goes out as
-        one broadcast, one encode and one skip for its sender."""
-        name = conn.name
-        if name is None or not items:
-            return
-        if self.submit is self._local and TOO_LONG not in items and FLOOD not in items:
-            block = self.room.said_lines(name, items)  # type: ignore[arg-type]
-            if block is not None:
-                self.said(conn, block.encode() + b"\n")
-                return
-        self._reads += 1
-        self._urgent = True
-        for item in items:
-            if conn.dead or conn.close_after_flush:
-                break
-            self.received(conn, item)
-
-    def serve_read(self, fd: int) -> bool:
-        """Read a member's socket that the poll found readable, and hear it,
-        as its transport would (PassLoop.serve_read). Anything but a member
-        with data to read is left to the transport: a login, TLS (never in
-        `by_fd`), the end of the stream, which stays readable until the
-        transport meets it. A broken connection is aborted here, since
-        reading it took its error."""
-        conn = self.by_fd.get(fd)
-        if conn is None or conn.name is None or conn.dead:
-            return False
-        transport = conn.transport
-        assert transport is not None
-        buffer = self.read_buffer
-        try:
-            nbytes = os.readv(fd, [buffer])
-        except (BlockingIOError, InterruptedError):
-            return True  # nothing after all; the poll will say when there is
-        except OSError:
-            transport.abort()
-            return True
-        if not nbytes:
-            return False
-        try:
-            conn.data_received(buffer[:nbytes])
-        except Exception as exc:  # as the transport does: report it, drop this client
-            self._loop.call_exception_handler({
-                "message": "Hub.serve_read: handling a read failed",
-                "exception": exc, "protocol": conn, "transport": transport})
-            transport.abort()
-        return True
-
-    def said(self, conn: Connection, block: bytes) -> None:
-        """A read from member `conn` that was plain chat and nothing else:
-        `block` is its room lines, each ending with a line end.
-
-        When it is the pass's only read (PassLoop.lone), no run of several
-        senders is being gathered (`_look`) and nothing is queued (no line,
-        edit or server line), as with most reads in a quiet room, it is
-        written at once, without being queued: to every member but `conn`,
-        then to stdout. That is what flush() would write for it, by a shorter
-        way (docs/PERFORMANCE.md, the eighth "Small rooms" round); read_done,
-        which follows, ends the pass's early write. Otherwise it is queued
-        like any other read, behind what was queued before. (`_ranges` needs
-        no look: a join or a leave queues a line or an edit too, and a member
-        who joined in this pass may be written to now.)"""
-        loop = self._pass_loop
-        if (loop is not None and loop.lone and not self._look and not self._bcast
-                and not self._edits and not self._printed):
-            for other in self.members.values():
-                if other is not conn and not other.dead:
-                    other.send(block)
-            self.write_out(block)
-            return
-        self._reads += 1
-        self._urgent = True
-        self._said(conn, block)
-
-    def _said(self, conn: Connection, block: bytes) -> None:
-        """Room lines of `conn`'s plain chat: for every member but `conn`,
-        and for our stdout."""
-        self._printed.append(block)
-        self._for_all(block, conn)
-
-    def read_done(self) -> None:
-        """A member's read has been heard. When it is the only read of this
-        pass (PassLoop.lone) and no run of several senders is being gathered
-        (look_first), what it queued is written now instead of at the end of
-        the pass: nothing else in the pass could share that write."""
-        loop = self._pass_loop
-        if loop is not None and loop.lone and not self._look:
-            loop.lone = False
-            self.pass_end()
-
-    def received(self, conn: Connection, item: Received) -> None:
-        name = conn.name
-        if name is not None:
-            self._urgent = True
-            if type(item) is str:
-                line = self.room.said_line(name, item) if self.submit is self._local else None
-                if line is None:
-                    self.submit(Typed(name, item, self.now()))
-                else:
-                    self._said(conn, line.encode() + b"\n")
-            elif item is TOO_LONG:
-                limit = self.limits.max_line
-                self.route([Fail(name, "line-too-long",
-                                 f"Line too long: at most {limit} bytes; it was not sent")])
-            else:
-                conn.refuse("flood", "Too much data without a line end")
-        elif isinstance(item, str):
-            self.login(conn, item)
-        elif item is TOO_LONG:
-            conn.refuse("bad-login", "Expected: LOGIN <passcode> <username>")
-        else:
-            conn.refuse("flood", "Too much data without a line end")
-
-    def login(self, conn: Connection, line: str) -> None:
-        request = parse_login(line)
-        if request is None:
-            conn.refuse("bad-login", "Expected: LOGIN <passcode> <username>")
-            return
-        passcode, name = request
-        exempt = self.exempt(conn.addr)
-        now = self.now()
-        if not exempt and self.throttle.blocked(conn.addr, now):
-            conn.refuse("throttled", "Too many wrong passcodes; try again later")
-            return
-        refused = self.room.check_login(passcode, name)
-        if refused is not None:
-            if refused.code == "passcode" and not exempt:
-                self.throttle.failed(conn.addr, now)
-            conn.refuse(refused.code, refused.text)
-            return
-        self.throttle.succeeded(conn.addr)
-        ticket = conn.ticket = f"{self.node}/{next(self._tickets)}"
-        self.waiting[ticket] = conn
-        conn.backlog = []  # until the room answers; at once when it is local
-        self.submit(Joining(name, ticket))
-
-    def apply(self, inp: Input) -> None:
-        """Apply one input to the room, in the order the room sees them."""
-        if type(inp) is Typed:  # (in a cluster, other servers' chat comes here)
-            self._urgent = True
-        self.route(self.room.step(inp))
-
-    # -- lines out ------------------------------------------------------------
-
-    def route(self, outputs: Iterable[Output]) -> None:
-        """Queue `outputs` for this server's connections in this pass."""
-        for out in outputs:
-            if isinstance(out, Deliver):
-                if out.to is None:
-                    self._broadcast(out.line, out.skip)
-                else:
-                    self._to(out.to, out.line.encode() + b"\n")
-            elif isinstance(out, Log):
-                self._printed.append(out.line.encode("utf-8", "replace") + b"\n")
-            elif isinstance(out, Fail):
-                self._to(out.to, f":error {out.code} {out.text}\n".encode())
-            elif isinstance(out, Bye):
-                conn = self.members.pop(out.to, None)
-                if conn is not None:
-                    conn.name = None
-                    self._ranges.setdefault(conn, [0, -1])[1] = len(self._bcast)
-                    self._edit(conn, len(self._bcast), b":bye\n")
-                    conn.close_after_flush = True
-            elif isinstance(out, Welcome):
-                self._welcome(out.ticket, out.name)
-            else:
-                conn = self.waiting.pop(out.ticket, None)
-                if conn is not None:
-                    conn.refuse(out.code, out.text)
-        self._schedule()
-
-    def _welcome(self, ticket: str, name: str) -> None:
-        conn = self.waiting.pop(ticket, None)
-        if conn is None or conn.dead:
-            if ticket.startswith(self.node + "/"):
-                self.submit(Gone(name))  # it left while its login waited
-            return
-        conn.ticket = None
-        if conn.timer is not None:
-            conn.timer.cancel()
-            conn.timer = None
-        conn.write_now(f":ok {name}")
-        conn.name = name
-        self.members[name] = conn
-        self._ranges[conn] = [len(self._bcast), -1]
-        backlog, conn.backlog = conn.backlog or [], None
-        self.heard(conn, backlog)
-
-    def _broadcast(self, line: str, skip: str | None) -> None:
-        """`line` for every member of this server but `skip`."""
-        self._for_all(line.encode() + b"\n", None if skip is None else self.members.get(skip))
-
-    def _for_all(self, data: bytes, skip: Connection | None) -> None:
-        """`data` (whole lines) for every member of this server but `skip`."""
+    def broadcast(self, data: bytes, skip: ConnId | None = None) -> None:
+        """`data` (whole lines) for every recipient but `skip`."""
         if skip is not None:
-            self._edit(skip, len(self._bcast), None)
+            self._edit(skip, None)
         self._bcast.append(data)
-        self._schedule()
 
-    def _to(self, name: str, data: bytes) -> None:
-        conn = self.members.get(name)
-        if conn is not None:
-            self._edit(conn, len(self._bcast), data)
+    def send(self, cid: ConnId, data: bytes) -> None:
+        """`data` for `cid` alone, after everything queued for it so far."""
+        self._edit(cid, data)
 
-    def _edit(self, conn: Connection, pos: int, data: bytes | None) -> None:
-        edits = self._edits.get(conn)
+    def close(self, cid: ConnId) -> None:
+        """Close `cid` once what it is owed is written."""
+        self._close.append(cid)
+
+    def print(self, data: bytes) -> None:
+        """Lines (each with its line end) for the server's stdout."""
+        self._printed.append(data)
+
+    def drop(self, cid: ConnId) -> None:
+        """`cid` is gone: forget it and whatever it was owed."""
+        self.recipients.pop(cid, None)
+        self._edits.pop(cid, None)
+        self._ranges.pop(cid, None)
+        if cid in self._close:
+            self._close.remove(cid)
+
+    def _edit(self, cid: ConnId, data: bytes | None) -> None:
+        edits = self._edits.get(cid)
         if edits is None:
-            self._edits[conn] = [(pos, data)]
+            self._edits[cid] = [(len(self._bcast), data)]
         else:
-            edits.append((pos, data))
+            edits.append((len(self._bcast), data))
 
-    def _schedule(self) -> None:
-        if not self._scheduled:
-            self._scheduled = True
-            if self._pass_loop is not None:
-                if self._look:  # whoever else speaks meanwhile joins this flush
-                    self._pass_loop.look_first = True
-            else:
-                self._loop.call_soon(self.pass_end)
-
-    def pass_end(self) -> None:
-        """The end of a pass: write what it queued, unless that is room
-        notices alone; they wait up to NOTICE_WAIT for more, and go out at
-        once with anything else queued meanwhile."""
-        if not self._scheduled:
-            return
-        if self._urgent:
-            self.flush()
-            return
-        self._scheduled = False  # what is queued next schedules a pass end again
-        if self._notices is None:
-            self._notices = self._loop.call_later(NOTICE_WAIT, self.flush_pending)
-
-    def flush_pending(self) -> None:
-        """Write whatever is queued, now."""
-        if self._scheduled or self._notices is not None:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write everything queued (this pass's lines, and any room notices
-        that were waiting): one write per connection."""
-        self._scheduled = self._urgent = False
-        self._look, self._reads = self._reads > 1, 0
-        if self._notices is not None:
-            self._notices.cancel()
-            self._notices = None
+    def take(self) -> Batch:
+        """Everything queued, as one write per connection; the outbox is empty after."""
         bcast, edits, ranges = self._bcast, self._edits, self._ranges
-        self._bcast, self._edits, self._ranges = [], {}, {}
+        batch = Batch([], self._close, b"".join(self._printed))
+        self._bcast, self._edits, self._ranges, self._close, self._printed = [], {}, {}, [], []
+        self.urgent = False
         common = b"".join(bcast)
-        special = edits.keys() | ranges.keys()  # their own view; usually none
+        writes = batch.writes
+        special = edits.keys() | ranges.keys()  # their own view; usually none or few
         if common:
-            members: Iterable[Connection] = self.members.values()
             if special:
-                members = [conn for conn in members if conn not in special]
-            for conn in members:
-                if not conn.dead:
-                    conn.send(common)
+                writes += [(cid, common) for cid in self.recipients if cid not in special]
+            else:
+                writes += [(cid, common) for cid in self.recipients]
         if special:
             offsets = list(itertools.accumulate(map(len, bcast), initial=0))
-            for conn in special:
-                if conn.dead:
-                    continue
-                lo, hi = ranges.get(conn, (0, -1))
-                data = stream_view(common, offsets, edits.get(conn, ()), lo,
-                                   len(bcast) if hi < 0 else hi)
+            whole = len(bcast)
+            for cid in (*edits, *(c for c in ranges if c not in edits)):
+                lo, hi = ranges.get(cid, (0, whole if cid in self.recipients else 0))
+                data = stream_view(common, offsets, edits.get(cid, ()), lo,
+                                   whole if hi < 0 else hi)
                 if data:
-                    conn.send(data)
-                if conn.close_after_flush:
-                    conn.transport.close()  # type: ignore[union-attr]
-        self._print_pending()
-
-    def _print_pending(self) -> None:
-        """The server's own lines for this pass, after the clients' (stdout may be slow)."""
-        if self._printed:
-            self.write_out(b"".join(self._printed))
-            self._printed = []
-
-    def print_lines(self, lines: list[str]) -> None:
-        self.write_out(("\n".join(lines) + "\n").encode("utf-8", "replace"))
-
-    def write_out(self, data: bytes) -> None:
-        try:
-            self.out.write(data)
-            self.out.flush()
-        except (BrokenPipeError, ValueError):
-            pass  # nobody reads our stdout any more; the room goes on
-
-    async def shutdown(self, grace: float = 2.0) -> None:
-        """Tell everyone the server is going, then close every connection.
-
-        In a cluster its members are reported gone first, so that the other
-        servers announce them at once."""
-        for name in list(self.members):
-            self.members.pop(name).name = None
-            if self.submit != self.apply:
-                self.submit(Gone(name))
-        self.flush()
-        for conn in list(self.connections):
-            conn.refuse("shutdown", "The server is shutting down")
-        deadline = self._loop.time() + grace
-        while self.connections and self._loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.abort()
+                    writes.append((cid, data))
+        return batch
 
 
 def stream_view(common: bytes, offsets: Sequence[int], edits: Iterable[tuple[int, bytes | None]],
@@ -1373,6 +745,577 @@ def stream_view(common: bytes, offsets: Sequence[int], edits: Iterable[tuple[int
     if hi > cur:
         pieces.append(common[offsets[cur]:offsets[hi]])
     return b"".join(pieces)
+
+
+# --- The server's core: connections in, plain values out -----------------------
+
+
+class RoomLog(Protocol):
+    """Where the room's inputs are put in one order (docs/CLUSTER.md).
+
+    Alone, the core applies each input as it is made. A log (the Redis
+    cluster) takes them instead, and hands every input of the room, this
+    server's and the others', back to Hub.apply in the one order all
+    servers share: the same path, with the log in the middle."""
+
+    node: str  # this server's name among the log's servers; it prefixes login tickets
+
+    def submit(self, inp: Input) -> None: ...
+
+
+class _Conn:
+    """What the core knows of one connection."""
+
+    __slots__ = ("addr", "backlog", "cid", "closing", "name", "reader", "ticket")
+
+    def __init__(self, cid: ConnId, addr: str, reader: LineReader) -> None:
+        self.cid = cid
+        self.addr = addr
+        self.reader = reader
+        self.name: str | None = None  # set while it is a member of the room
+        self.ticket: str | None = None  # set while its login waits for the room
+        self.backlog: list[tuple[Received, float]] | None = None  # lines that came meanwhile
+        self.closing = False  # refused or left: nothing more it sends counts
+
+
+class Core:
+    """The server with no I/O: connections' bytes in, plain values out.
+
+    The transport numbers each connection and tells the core four things,
+    always with the time (seconds since the epoch):
+
+        connect(cid, addr, now)   a connection arrived from `addr`
+        receive(cid, data, now)   it sent `data` (one read; the one way in)
+        lost(cid)                 it is gone
+        expire(now)               login deadlines up to `now` have passed
+
+    and, in a cluster, apply(inp) for every input the shared log hands back.
+    Everything they cause lands in `outbox` (what to write to whom, who to
+    close, what the server prints); the transport takes it once per pass.
+
+    Rules kept here: a connection logs in with its first line, within
+    `login_timeout`; limits count at connect; a refused connection is told
+    why in one line and closed; a member's lines reach the room in the order
+    sent, each as one input; nothing a connection sends after it was refused
+    or left counts.
+    """
+
+    def __init__(self, room: Room, limits: Limits, log: RoomLog | None = None) -> None:
+        self.room = room
+        self.limits = limits
+        self.outbox = Outbox()
+        self.throttle = LoginThrottle(limits.login_failures, limits.failure_window)
+        self.node = "local" if log is None else log.node
+        self._submit: Callable[[Input], None] = self.apply if log is None else log.submit
+        self._conns: dict[ConnId, _Conn] = {}
+        self.members: dict[str, ConnId] = {}  # this server's members, by name
+        self._waiting: dict[str, _Conn] = {}  # logins waiting for the room, by ticket
+        self._per_ip: dict[str, int] = {}
+        self._deadlines: deque[tuple[float, ConnId]] = deque()  # in connect order
+        self._tickets = itertools.count(1)
+        self._exempt = limits.networks()
+        self._exempt_cache: dict[str, bool] = {}
+        self._too_long = (f":error line-too-long Line too long: at most {limits.max_line} "
+                          "bytes; it was not sent\n").encode()
+
+    # -- the transport's four calls ---------------------------------------------
+
+    def connect(self, cid: ConnId, addr: str, now: float) -> None:
+        """Connection `cid` arrived from `addr` (an address_key)."""
+        limits = self.limits
+        if len(self._conns) >= limits.max_clients:
+            self._turn_away(cid, "full", "The server is full; try again later")
+            return
+        if not self.exempt(addr) and self._per_ip.get(addr, 0) >= limits.max_per_ip:
+            self._turn_away(cid, "full", "Too many connections from your address")
+            return
+        self._conns[cid] = _Conn(cid, addr, LineReader(limits.max_line))
+        self._per_ip[addr] = self._per_ip.get(addr, 0) + 1
+        self._deadlines.append((now + limits.login_timeout, cid))
+        self.outbox.send(cid, HELLO)
+
+    def receive(self, cid: ConnId, data: bytes | memoryview, now: float) -> None:
+        """Connection `cid` sent `data`: the one entry point for a read."""
+        conn = self._conns.get(cid)
+        if conn is None:
+            return
+        for item in conn.reader.feed(data) if not conn.closing else ():
+            if conn.closing:  # refused, or left, by an earlier line of this read
+                break
+            if conn.name is not None:
+                self._heard(conn, item, now)
+            elif conn.backlog is not None:
+                conn.backlog.append((item, now))
+            else:
+                self._login(conn, item, now)
+
+    def lost(self, cid: ConnId) -> None:
+        """Connection `cid` is gone; a member leaves the room as with :Exit."""
+        self.outbox.drop(cid)
+        conn = self._conns.pop(cid, None)
+        if conn is None:
+            return
+        left = self._per_ip[conn.addr] - 1
+        if left:
+            self._per_ip[conn.addr] = left
+        else:
+            del self._per_ip[conn.addr]
+        if conn.ticket is not None:  # its Welcome, if one comes, finds nobody
+            self._waiting.pop(conn.ticket, None)
+        if conn.name is not None:
+            name, conn.name = conn.name, None
+            del self.members[name]
+            self._submit(Gone(name))
+
+    def expire(self, now: float) -> None:
+        """Refuse every connection whose login deadline has passed by `now`."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            cid = deadlines.popleft()[1]
+            conn = self._conns.get(cid)
+            if conn is not None and conn.name is None and not conn.closing:
+                if conn.ticket is not None:  # also when the room never answered
+                    self._waiting.pop(conn.ticket, None)
+                self._refuse(conn, "login-timeout", "The login was not finished in time")
+
+    def next_deadline(self) -> float | None:
+        """When expire() may next have something to do, if ever."""
+        return self._deadlines[0][0] if self._deadlines else None
+
+    def apply(self, inp: Input) -> None:
+        """Apply one input to the room, in the room's order, and queue what it causes."""
+        if type(inp) is Typed:
+            self.outbox.urgent = True
+        self.route(self.room.step(inp))
+
+    # -- housekeeping ---------------------------------------------------------
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    def is_waiting(self, ticket: str) -> bool:
+        return ticket in self._waiting
+
+    def exempt(self, addr: str) -> bool:
+        """Is `addr` (an address_key) inside a network exempt from the limits?"""
+        hit = self._exempt_cache.get(addr)
+        if hit is None:
+            try:
+                net = ipaddress.ip_network(addr, strict=False)
+                hit = any(net.version == ex.version and net.subnet_of(ex)  # type: ignore[arg-type]
+                          for ex in self._exempt)
+            except ValueError:
+                hit = False
+            if len(self._exempt_cache) < 4096:
+                self._exempt_cache[addr] = hit
+        return hit
+
+    def refuse_member(self, name: str, code: str, text: str) -> None:
+        """Tell member `name` why in one line and close it (the log found its
+        name taken while this server was cut off)."""
+        cid = self.members.get(name)
+        if cid is not None:
+            self._refuse(self._conns[cid], code, text)
+
+    def shutdown(self) -> None:
+        """The server is stopping: every connection is told and closed. In a
+        cluster this server's members are reported gone first, so that the
+        other servers announce them at once; alone, nobody is left to tell."""
+        for name in list(self.members):
+            conn = self._conns[self.members.pop(name)]
+            conn.name = None
+            self.outbox.remove(conn.cid)
+            if self._submit != self.apply:
+                self._submit(Gone(name))
+        for conn in list(self._conns.values()):
+            if not conn.closing:
+                self._refuse(conn, "shutdown", "The server is shutting down")
+
+    # -- inside ---------------------------------------------------------------
+
+    def _heard(self, conn: _Conn, item: Received, now: float) -> None:
+        """One line (or marker) from member `conn`."""
+        if type(item) is str:
+            self.outbox.urgent = True
+            self._submit(Typed(conn.name, item, now))  # type: ignore[arg-type]
+        elif item is TOO_LONG:
+            self.outbox.urgent = True
+            self.outbox.send(conn.cid, self._too_long)
+        else:
+            self._refuse(conn, "flood", "Too much data without a line end")
+
+    def _login(self, conn: _Conn, item: Received, now: float) -> None:
+        """The first line of a connection: `LOGIN <passcode> <username>`."""
+        if item is FLOOD:
+            self._refuse(conn, "flood", "Too much data without a line end")
+            return
+        request = parse_login(item) if isinstance(item, str) else None
+        if request is None:
+            self._refuse(conn, "bad-login", "Expected: LOGIN <passcode> <username>")
+            return
+        passcode, name = request
+        exempt = self.exempt(conn.addr)
+        if not exempt and self.throttle.blocked(conn.addr, now):
+            self._refuse(conn, "throttled", "Too many wrong passcodes; try again later")
+            return
+        refused = self.room.check_login(passcode, name)
+        if refused is not None:
+            if refused.code == "passcode" and not exempt:
+                self.throttle.failed(conn.addr, now)
+            self._refuse(conn, refused.code, refused.text)
+            return
+        self.throttle.succeeded(conn.addr)
+        ticket = conn.ticket = f"{self.node}/{next(self._tickets)}"
+        self._waiting[ticket] = conn
+        conn.backlog = []  # lines that come before the room answers (at once, alone)
+        self._submit(Joining(name, ticket))
+
+    def route(self, outputs: Iterable[Output]) -> None:
+        """Queue the room's outputs for this server's connections."""
+        outbox, members = self.outbox, self.members
+        for out in outputs:
+            if type(out) is Deliver:
+                data = out.line.encode() + b"\n"
+                if out.to is None:
+                    outbox.broadcast(data, None if out.skip is None else members.get(out.skip))
+                elif out.to in members:
+                    outbox.send(members[out.to], data)
+            elif type(out) is Log:
+                outbox.print(out.line.encode("utf-8", "replace") + b"\n")
+            elif type(out) is Fail:
+                if out.to in members:
+                    outbox.send(members[out.to], f":error {out.code} {out.text}\n".encode())
+            elif type(out) is Bye:
+                cid = members.pop(out.to, None)
+                if cid is not None:
+                    conn = self._conns[cid]
+                    conn.name, conn.closing = None, True
+                    outbox.remove(cid)
+                    outbox.send(cid, b":bye\n")
+                    outbox.close(cid)
+            elif type(out) is Welcome:
+                self._welcome(out.ticket, out.name)
+            elif type(out) is TurnAway:
+                waiting = self._waiting.pop(out.ticket, None)
+                if waiting is not None:
+                    self._refuse(waiting, out.code, out.text)
+
+    def _welcome(self, ticket: str, name: str) -> None:
+        conn = self._waiting.pop(ticket, None)
+        if conn is None:
+            if ticket.startswith(self.node + "/"):
+                self._submit(Gone(name))  # it left while its login waited
+            return
+        conn.ticket = None
+        conn.name = name
+        self.members[name] = conn.cid
+        self.outbox.send(conn.cid, f":ok {name}\n".encode())
+        self.outbox.add(conn.cid)
+        backlog, conn.backlog = conn.backlog or [], None
+        for item, now in backlog:
+            if conn.closing:
+                break
+            self._heard(conn, item, now)
+
+    def _refuse(self, conn: _Conn, code: str, text: str) -> None:
+        """Say why in one line, then close; nothing more it sends counts."""
+        conn.closing = True
+        self.outbox.remove(conn.cid)
+        self._turn_away(conn.cid, code, text)
+
+    def _turn_away(self, cid: ConnId, code: str, text: str) -> None:
+        self.outbox.urgent = True
+        self.outbox.send(cid, f":error {code} {text}\n".encode())
+        self.outbox.close(cid)
+
+
+HELLO: Final = f":hello chatroom {PROTOCOL_VERSION}\n".encode()
+
+
+# ============================================================================
+# 2. The asyncio transport
+# ============================================================================
+
+READ_BUFFER: Final = 256 << 10  # bytes read from a socket at once, as asyncio's own
+# How long room notices (joins, leaves) may wait to share a write when
+# nothing else is queued: in a storm of logins, one write per member per
+# wait instead of one per login.
+NOTICE_WAIT: Final = 0.005
+
+
+class Peer(Protocol):
+    """What the Hub may do with one connection: the member interface. A TCP
+    member, a TLS member (and a WebSocket member) differ only here."""
+
+    addr: str  # the address_key of its peer
+
+    def write(self, data: bytes) -> None: ...  # queue bytes, after all before them
+    def close(self) -> None: ...  # close once what was written is sent
+    def abort(self) -> None: ...  # close now, dropping what was not sent
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+
+class Connection(asyncio.BufferedProtocol):
+    """A TCP or TLS connection: an asyncio protocol adapting its transport
+    to the Hub (bytes in, bytes out, close)."""
+
+    __slots__ = ("addr", "cid", "hub", "transport")
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.transport: asyncio.Transport | None = None
+        self.addr = ""
+        self.cid: ConnId = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream transport (uvloop's do not subclass asyncio.Transport).
+        self.transport = transport = cast(asyncio.Transport, transport)
+        transport.set_write_buffer_limits(high=self.hub.core.limits.max_sendq)
+        peer = transport.get_extra_info("peername")
+        self.addr = address_key(str(peer[0])) if peer else ""
+        self.cid = self.hub.connected(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.hub.read_buffer  # callbacks never overlap: one buffer serves all
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.hub.received(self.cid, self.hub.read_buffer[:nbytes])  # the core copies what it keeps
+
+    def eof_received(self) -> bool:
+        self.hub.flush()  # what it is owed goes out before the close
+        return False  # close our side too: a half-closed client has left
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.hub.lost(self.cid)
+
+    def pause_writing(self) -> None:
+        # More than max_sendq waits for this client: it stopped reading. Drop
+        # it rather than hold its backlog (reset, so the kernel frees what it
+        # still holds too); the room is told it left when connection_lost follows.
+        assert self.transport is not None
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+        self.transport.abort()
+
+    # -- Peer -----------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+
+class Hub:
+    """The core on the event loop: the connections' adapters, the clock, and
+    one flush per pass.
+
+    Every connection event goes to the core with the time; what the core
+    queues is written by flush(), scheduled once with call_soon, so that
+    every read handled in one pass of the loop shares one write per
+    connection. A pass that queued only room notices lets them wait up to
+    NOTICE_WAIT for more (a storm of logins shares writes). One timer
+    follows the core's next login deadline.
+    """
+
+    def __init__(self, core: Core, out: BinaryIO, clock: Callable[[], float] = time.time) -> None:
+        self.core = core
+        self.out = out
+        self.clock = clock
+        self.peers: dict[ConnId, Peer] = {}
+        self.read_buffer = memoryview(bytearray(READ_BUFFER))
+        self._ids = itertools.count(1)
+        self._loop = asyncio.get_running_loop()
+        self._flush: asyncio.Handle | None = None  # a flush is scheduled
+        self._urgent = False  # ... for this pass, not after NOTICE_WAIT
+        self._deadline: asyncio.TimerHandle | None = None
+
+    # -- from the adapters --------------------------------------------------------
+
+    def connected(self, peer: Peer) -> ConnId:
+        cid = next(self._ids)
+        self.peers[cid] = peer
+        self.core.connect(cid, peer.addr, self.clock())
+        if self._deadline is None:
+            self._arm_deadline()
+        self._queued()
+        return cid
+
+    def received(self, cid: ConnId, data: bytes | memoryview) -> None:
+        self.core.receive(cid, data, self.clock())
+        self._queued()
+
+    def lost(self, cid: ConnId) -> None:
+        if self.peers.pop(cid, None) is not None:
+            self.core.lost(cid)
+            self._queued()
+
+    # -- what a room log (chatroom_ext.cluster) may ask: its typed seam -------------
+
+    @property
+    def room(self) -> Room:
+        return self.core.room
+
+    def apply(self, inp: Input) -> None:
+        """Apply an input the log hands back, in the room's order."""
+        self.core.apply(inp)
+        self._queued()
+
+    def show(self, outputs: Sequence[Output]) -> None:
+        """Queue outputs that come from outside the room's order (a cluster's
+        own copy of the room while its log is away)."""
+        self.core.outbox.urgent = True
+        self.core.route(outputs)
+        self._queued()
+
+    def here(self, name: str) -> bool:
+        """Is `name` a member connected to this server?"""
+        return name in self.core.members
+
+    def names_here(self) -> list[str]:
+        return list(self.core.members)
+
+    def waiting(self, ticket: str) -> bool:
+        """Is the login holding `ticket` still waiting for the room?"""
+        return self.core.is_waiting(ticket)
+
+    def fail(self, name: str, code: str, text: str) -> None:
+        """Tell member `name` that what it sent failed; it stays."""
+        self.show([Fail(name, code, text)])
+
+    def finish_exit(self, name: str) -> None:
+        """Member `name` asked to leave and the room has already seen it go."""
+        self.show([Bye(name)])
+
+    def refuse_member(self, name: str, code: str, text: str) -> None:
+        self.core.refuse_member(name, code, text)
+        self._queued()
+
+    @staticmethod
+    def encode(inp: Input) -> tuple[str, str, str, str]:
+        """An input as four strings: kind (J, T or G), name, extra, time."""
+        if isinstance(inp, Typed):
+            return "T", inp.name, inp.text, repr(inp.now)
+        if isinstance(inp, Joining):
+            return "J", inp.name, inp.ticket, ""
+        return "G", inp.name, "", ""
+
+    @staticmethod
+    def decode(kind: str, name: str, extra: str, when: str) -> Input:
+        """encode() backwards."""
+        if kind == "T":
+            return Typed(name, extra, float(when or 0))
+        if kind == "J":
+            return Joining(name, extra)
+        return Gone(name)
+
+    @staticmethod
+    def key(name: str) -> str:
+        """The name as the room compares names (case and form folded)."""
+        return name_key(name)
+
+    @staticmethod
+    def leaves(inp: Input) -> bool:
+        """Is `inp` a member's :Exit?"""
+        return isinstance(inp, Typed) and isinstance(parse_command(inp.text), Exit)
+
+    # -- writing ---------------------------------------------------------------
+
+    def _queued(self) -> None:
+        """Schedule a flush for what the core queued: at the end of this pass,
+        or after NOTICE_WAIT when it is room notices alone."""
+        outbox = self.core.outbox
+        if not outbox:
+            return
+        if outbox.urgent:
+            if not self._urgent:
+                if self._flush is not None:
+                    self._flush.cancel()
+                self._urgent = True
+                self._flush = self._loop.call_soon(self.flush)
+        elif self._flush is None:
+            self._flush = self._loop.call_later(NOTICE_WAIT, self.flush)
+
+    def flush(self) -> None:
+        """Write everything queued: one write per connection."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        self._urgent = False
+        batch = self.core.outbox.take()
+        peers = self.peers
+        for cid, data in batch.writes:
+            peer = peers.get(cid)
+            if peer is not None:
+                peer.write(data)
+        for cid in batch.close:
+            peer = peers.get(cid)
+            if peer is not None:
+                peer.close()
+        if batch.printed:
+            self.write_out(batch.printed)
+
+    def print_lines(self, lines: list[str]) -> None:
+        self.write_out(("\n".join(lines) + "\n").encode("utf-8", "replace"))
+
+    def write_out(self, data: bytes) -> None:
+        try:
+            self.out.write(data)
+            self.out.flush()
+        except (BrokenPipeError, ValueError):
+            pass  # nobody reads our stdout any more; the room goes on
+
+    # -- time ------------------------------------------------------------------
+
+    def _arm_deadline(self) -> None:
+        when = self.core.next_deadline()
+        if when is not None:
+            delay = max(0.0, when - self.clock())
+            self._deadline = self._loop.call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        self._deadline = None
+        self.core.expire(self.clock())
+        self._arm_deadline()
+        self._queued()
+
+    async def sweep_throttle(self) -> None:
+        """Forget old wrong passcodes now and then (bounded memory)."""
+        while True:
+            await asyncio.sleep(self.core.limits.failure_window)
+            self.core.throttle.forget_older_than(self.clock())
+
+    async def shutdown(self, grace: float = 2.0) -> None:
+        """Tell everyone the server is going, then close every connection."""
+        self.core.shutdown()
+        self.flush()
+        if self._deadline is not None:
+            self._deadline.cancel()
+        deadline = self._loop.time() + grace
+        while self.peers and self._loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for peer in list(self.peers.values()):
+            peer.abort()
 
 
 # ============================================================================
@@ -1526,13 +1469,14 @@ def loop_error_handler(fd_limit: int) -> Any:
 
 
 async def serve(args: argparse.Namespace, limits: Limits, tls: ssl.SSLContext | None,
-                cluster_module: Any = None) -> int:
+                cluster: type[RedisLog] | None = None) -> int:
     loop = asyncio.get_running_loop()
     fd_limit = raise_open_file_limit()
     loop.set_exception_handler(loop_error_handler(fd_limit))
-    hub = Hub(Room(args.passcode), limits, sys.stdout.buffer)
-    cluster = (await cluster_module.attach(hub, args.redis, args.redis_backlog)
-               if cluster_module else None)
+    log = None if cluster is None else cluster(args.redis, args.redis_backlog)
+    hub = Hub(Core(Room(args.passcode), limits, log), sys.stdout.buffer)
+    if log is not None:
+        await log.start(hub)
     try:
         server = await loop.create_server(
             lambda: Connection(hub), args.host, args.port, family=socket.AF_UNSPEC,
@@ -1546,20 +1490,14 @@ async def serve(args: argparse.Namespace, limits: Limits, tls: ssl.SSLContext | 
         loop.add_signal_handler(sig, stop.set)  # a signal means a clean shutdown
     port = server.sockets[0].getsockname()[1]
     hub.print_lines([f"Server started on port {port}. Accepting connections"])
-    sweeper = loop.create_task(sweep_throttle(hub))
+    sweeper = loop.create_task(hub.sweep_throttle())
     await stop.wait()
     sweeper.cancel()
     server.close()
     await hub.shutdown()
-    if cluster is not None:
-        await cluster.close()
+    if log is not None:
+        await log.close()
     return 0
-
-
-async def sweep_throttle(hub: Hub) -> None:
-    while True:
-        await asyncio.sleep(hub.limits.failure_window)
-        hub.throttle.forget_older_than(hub.now())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1569,11 +1507,11 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("the passcode must be 1 to 5 ASCII letters or digits")
         limits = limits_from(args)
         tls = tls_context(args.tls_cert, args.tls_key)
-        cluster = None
+        cluster: type[RedisLog] | None = None
         if args.redis:
             cluster = optional("chatroom_ext.cluster", "-redis needs the chatroom_ext package "
-                               "beside server.py and redis-py: pip install 'redis>=5'")
-        run: Any = run_on_pass_loop
+                               "beside server.py and redis-py: pip install 'redis>=5'").RedisLog
+        run: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
         if args.uvloop:
             run = optional("chatroom_ext.fastloop", "-uvloop needs the chatroom_ext package "
                            "beside server.py and uvloop: pip install uvloop").run
@@ -1581,7 +1519,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"server.py: error: {exc}\n")
         return 2
     try:
-        return int(run(serve(args, limits, tls, cluster)))
+        return run(serve(args, limits, tls, cluster))
     except KeyboardInterrupt:  # Ctrl-C before the loop could catch it
         return 0
 

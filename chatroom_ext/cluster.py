@@ -1,9 +1,11 @@
 """One room across several server processes, through Redis (`server.py ... -redis URL`).
 
-server.py routes every input to the room (Joining, Typed, Gone) through
-`hub.submit`. Here submit puts the input into one Redis Stream, and a reader
-task applies every entry of that stream, in stream order, on every server
-(`hub.apply`), its own entries included. Room.step is deterministic, so every
+server.py's core hands every input to the room (Joining, Typed, Gone) to its
+room log (`server.RoomLog`). RedisLog is that log: submit puts the input into
+one Redis Stream, and a reader task hands every entry of that stream, in
+stream order, back to the hub of every server (`Host.apply`), its own entries
+included. Everything it asks of the server goes through the `Host` interface
+below. Room.step is deterministic, so every
 server holds the same members in the same join order, and a race for a name is
 settled by the stream: the second Joining is turned away on its own server.
 
@@ -45,14 +47,17 @@ import secrets
 import socket
 import sys
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Sequence
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
+
+if TYPE_CHECKING:  # server.py runs as __main__: its types, for the checker only
+    from server import Input, Output, Room
 
 PREFIX = "chatroom:"  # every key the cluster uses starts with this
 HEARTBEAT_TTL_MS = 6000  # a server whose heartbeat is this old is dead
@@ -238,21 +243,41 @@ def say(line: str) -> None:
         pass
 
 
-class Cluster:
-    """This server's link to the shared log: outbox, writer, reader, heartbeat."""
+class Host(Protocol):
+    """What the log asks of the server it serves (server.Hub)."""
 
-    def __init__(self, hub: Any, url: str, client: Any, backlog: int) -> None:
-        self.hub = hub
+    @property
+    def room(self) -> Room: ...  # the room as this server holds it
+    def apply(self, inp: Input) -> None: ...  # an input, in the room's order
+    def show(self, outputs: Sequence[Output]) -> None: ...  # outputs of the log's own view
+    def here(self, name: str) -> bool: ...  # a member connected to this server?
+    def names_here(self) -> list[str]: ...
+    def waiting(self, ticket: str) -> bool: ...  # a login of ours still waiting?
+    def fail(self, name: str, code: str, text: str) -> None: ...
+    def finish_exit(self, name: str) -> None: ...
+    def refuse_member(self, name: str, code: str, text: str) -> None: ...
+    def encode(self, inp: Input) -> tuple[str, str, str, str]: ...  # kind, name, extra, time
+    def decode(self, kind: str, name: str, extra: str, when: str) -> Input: ...
+    def key(self, name: str) -> str: ...  # the name as the room compares names
+    def leaves(self, inp: Input) -> bool: ...  # a member's :Exit?
+
+
+class RedisLog:
+    """This server's link to the shared log: outbox, writer, reader,
+    heartbeat. server.py builds it (`-redis URL`), gives it to the core as its
+    room log, and starts it with the hub as its Host."""
+
+    def __init__(self, url: str, backlog: int) -> None:
+        """Exits with one line on stderr if `url` is not a Redis URL."""
+        try:
+            client = aioredis.from_url(
+                url, decode_responses=True, protocol=2, socket_timeout=SOCKET_TIMEOUT,
+                socket_connect_timeout=CONNECT_TIMEOUT, retry=Retry(NoBackoff(), 0))
+        except ValueError as exc:
+            say(f"error: -redis {redact(url)}: {exc}")
+            raise SystemExit(2) from None
+        self.hub: Host | None = None  # set by start()
         self.backlog = backlog  # this server's lines that may wait for Redis (-redis-backlog)
-        core = sys.modules[type(hub).__module__]  # __main__ when run as a script
-        self.Fail: Any = core.Fail
-        self.Exit: Any = core.Exit
-        self.parse_command: Callable[[str], Any] = core.parse_command
-        self.Joining: Any = core.Joining
-        self.Typed: Any = core.Typed
-        self.Gone: Any = core.Gone
-        self.Bye: Any = core.Bye
-        self.name_key: Callable[[str], str] = core.name_key
         self.url = url
         self.r = client
         self.node = new_node_id()
@@ -273,7 +298,7 @@ class Cluster:
         self.preapplied: set[int] = set()  # seqs already shown here (outage)
         self.seen: dict[str, int] = {}  # node -> last seq applied
         self.joins: dict[str, str] = {}  # ticket -> name: our logins in flight
-        self.view: Any = None  # the room as shown here while Redis is away
+        self.view: Room | None = None  # the room as shown here while Redis is away
         self.online = False
         self.since = 0.0  # when this connection to Redis began (loop time)
         self.wake = asyncio.Event()
@@ -283,28 +308,43 @@ class Cluster:
         self.gen = 0  # the current session; older loops stop when it moves on
         self.loop = asyncio.get_running_loop()
 
+    @property
+    def host(self) -> Host:
+        assert self.hub is not None, "RedisLog.start(hub) comes first"
+        return self.hub
+
+    async def start(self, hub: Host) -> None:
+        """Join the cluster: sync with Redis, then read and write in the
+        background. Exits with one line on stderr if Redis cannot be reached."""
+        self.hub = hub
+        try:
+            await asyncio.wait_for(self.sync(), 3 * SOCKET_TIMEOUT)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            say(f"error: cannot use Redis at {redact(self.url)}: {exc or type(exc).__name__}")
+            try:
+                await self.r.aclose()
+            except (RedisError, OSError):
+                pass
+            raise SystemExit(1) from None
+        self.task = self.loop.create_task(self.run())
+
     # -- inputs from this server ------------------------------------------------
 
-    def submit(self, inp: Any) -> None:
-        """hub.submit: queue `inp` for the stream (and, while Redis is away,
-        show it here at once unless it is a login). A member's line is
-        refused while `backlog` entries already wait (Redis away or slow),
+    def submit(self, inp: Input) -> None:
+        """The core's room log: queue `inp` for the stream (and, while Redis
+        is away, show it here at once unless it is a login). A member's line
+        is refused while `backlog` entries already wait (Redis away or slow),
         unless it is :Exit; logins and leaves are bounded by the connections."""
-        if (isinstance(inp, self.Typed) and len(self.outbox) >= self.backlog
-                and type(self.parse_command(inp.text)) is not self.Exit):
-            self.hub.route([self.Fail(inp.name, "backlog",
-                                      "Too many lines wait for the room's log; "
-                                      "this one was not sent")])
+        host = self.host
+        kind, name, x, t = host.encode(inp)
+        if kind == "T" and len(self.outbox) >= self.backlog and not host.leaves(inp):
+            host.fail(name, "backlog", "Too many lines wait for the room's log; "
+                                       "this one was not sent")
             return
-        if isinstance(inp, self.Typed):
-            kind, x, t = "T", inp.text, repr(inp.now)
-        elif isinstance(inp, self.Joining):
-            kind, x, t = "J", inp.ticket, ""
-            self.joins[inp.ticket] = inp.name
-        else:
-            kind, x, t = "G", "", ""
+        if kind == "J":
+            self.joins[x] = name
         self.seq += 1
-        entry = (str(self.seq), kind, self.name_key(inp.name), inp.name, x, t)
+        entry = (str(self.seq), kind, host.key(name), name, x, t)
         if not self.online and kind != "J":
             self._preapply(entry)
         self.outbox.append(entry)
@@ -315,20 +355,13 @@ class Cluster:
         """Queue an entry this module makes itself (rejoin 'R', seq 0: never
         deduplicated; or a Gone/Joining during a resync)."""
         if kind == "R":
-            entry = ("0", "R", self.name_key(name), name, "", "")
+            entry = ("0", "R", self.host.key(name), name, "", "")
         else:
             self.seq += 1
-            entry = (str(self.seq), kind, self.name_key(name), name, x, "")
+            entry = (str(self.seq), kind, self.host.key(name), name, x, "")
         self.outbox.append(entry)
         self.idle.clear()
         self.wake.set()
-
-    def _input(self, kind: str, name: str, x: str, t: str) -> Any:
-        if kind == "T":
-            return self.Typed(name, x, float(t or 0))
-        if kind == "J":
-            return self.Joining(name, x)
-        return self.Gone(name)
 
     def _preapply(self, entry: Entry) -> None:
         """Show a member's input on this server now, on the view."""
@@ -336,9 +369,9 @@ class Cluster:
         if kind not in ("T", "G") or int(seq) in self.preapplied:
             return
         if self.view is None:
-            self.view = copy.deepcopy(self.hub.room)
+            self.view = copy.deepcopy(self.host.room)
         self.preapplied.add(int(seq))
-        self.hub.route(self.view.step(self._input(kind, name, x, t)))
+        self.host.show(self.view.step(self.host.decode(kind, name, x, t)))
 
     # -- the stream, read ----------------------------------------------------------
 
@@ -353,26 +386,28 @@ class Cluster:
             if s <= self.seen.get(node, 0):
                 return  # a duplicate that slipped through
             self.seen[node] = s
-        inp = self._input(kind, name, f.get("x", ""), f.get("t", ""))
+        host = self.host
+        x = f.get("x", "")
+        inp = host.decode(kind, name, x, f.get("t", ""))
         if node == self.node:
             while self.unread and int(self.unread[0][0]) <= s:
                 self.unread.popleft()
             if kind == "J":
-                self.joins.pop(inp.ticket, None)
+                self.joins.pop(x, None)
             if s in self.preapplied:  # shown here during an outage
                 self.preapplied.discard(s)
-                self.hub.room.step(inp)
+                host.room.step(inp)
                 return
-        self.hub.apply(inp)
-        if kind == "G" and not node and name in self.hub.members:
+        host.apply(inp)
+        if kind == "G" and not node and host.here(name):
             # Another server declared this server dead and its member gone;
             # it is here and well: put it back in the room.
             self._queue("R", name)
 
     async def _reader(self, gen: int) -> None:
         while gen == self.gen:
-            reply = await self.r.xread({self.k_log: self.last_id}, count=READ_COUNT,
-                                       block=READ_BLOCK_MS)
+            reply: Any = await self.r.xread({self.k_log: self.last_id}, count=READ_COUNT,
+                                            block=READ_BLOCK_MS)
             if gen != self.gen:
                 return  # a later session reads on from last_id
             for _stream, entries in reply or ():
@@ -391,10 +426,10 @@ class Cluster:
                 await self.wake.wait()
                 continue
             batch = list(islice(self.outbox, BATCH))
-            if any(e[1] == "R" and e[3] not in self.hub.members for e in batch):
+            if any(e[1] == "R" and not self.host.here(e[3]) for e in batch):
                 # A rejoin for someone who has left here since: drop it.
                 self.outbox = deque(e for e in self.outbox
-                                    if e[1] != "R" or e[3] in self.hub.members)
+                                    if e[1] != "R" or self.host.here(e[3]))
                 continue
             args: list[str] = [self.epoch, self.node, str(STREAM_MAXLEN)]
             for entry in batch:
@@ -415,15 +450,13 @@ class Cluster:
         shown = seq in self.preapplied
         self.preapplied.discard(seq)  # it will not come back
         kind, name = entry[1], entry[3]
-        if status == DROPPED and kind == "T" and not shown and name in self.hub.members:
+        if status == DROPPED and kind == "T" and not shown and self.host.here(name):
             # :Exit from a member the others already saw leave (this server
             # was declared dead meanwhile): finish it here.
-            self.hub.route([self.Bye(name)])
+            self.host.finish_exit(name)
         elif status == TAKEN and kind in ("T", "R"):
-            conn = self.hub.members.get(name)
-            if conn is not None:
-                conn.refuse("name-taken", f"The username {name} was taken while this "
-                                          "server was cut off from the cluster")
+            self.host.refuse_member(name, "name-taken", f"The username {name} was taken while "
+                                                        "this server was cut off from the cluster")
 
     async def _script(self, script: Any, keys: list[str], args: list[str]) -> Any:
         try:
@@ -470,7 +503,7 @@ class Cluster:
             if self.epoch:
                 say("Redis no longer holds what this server last read; resynchronising")
             self._resync(epoch, last, int(added or 0), flat)
-        for name in self.hub.members:
+        for name in self.host.names_here():
             self._queue("R", name)
         self.online = True
         self.view = None
@@ -479,17 +512,18 @@ class Cluster:
     def _resync(self, epoch: str, last: str, added: int, flat: list[str]) -> None:
         """Start over from Redis's registry: the room as it is now, without
         notices (whatever happened in between is not known here)."""
-        room = self.hub.room
+        host = self.host
+        room = host.room
         for name in room.names:
-            room.step(self.Gone(name))
+            room.step(host.decode("G", name, "", ""))
         found = []
         for i in range(0, len(flat), 2):
             order, node, name = flat[i + 1].split(" ", 2)
             found.append((int(order), node, name))
         found.sort()
         for _, node, name in found:
-            room.step(self.Joining(name, ""))
-            if node == self.node and name not in self.hub.members:
+            room.step(host.decode("J", name, "", ""))
+            if node == self.node and not host.here(name):
                 self._queue("G", name)  # ours, but nobody holds it here
         self.epoch, self.last_id, self.n_read = epoch, last, added
         self.unread.clear()
@@ -497,7 +531,7 @@ class Cluster:
         # (after the Gone above if Redis already had it).
         self.outbox = deque(e for e in self.outbox if e[1] != "J")
         for ticket, name in list(self.joins.items()):
-            if ticket in self.hub.waiting:
+            if host.waiting(ticket):
                 self._queue("J", name, ticket)
             else:
                 del self.joins[ticket]
@@ -543,7 +577,7 @@ class Cluster:
 
     async def run(self) -> None:
         backoff = BACKOFF_FIRST
-        synced = True  # attach() synced the first time
+        synced = True  # start() synced the first time
         while True:
             try:
                 if not synced:
@@ -585,31 +619,3 @@ class Cluster:
             await self.r.aclose()
         except (RedisError, OSError):
             pass
-
-
-async def attach(hub: Any, url: str, backlog: int) -> Cluster:
-    """Join the cluster at `url`: from now on hub.submit writes to Redis and
-    every server applies what any of them wrote; at most `backlog` of this
-    server's lines wait to be written. Exits with one line on
-    stderr if Redis cannot be reached."""
-    try:
-        client = aioredis.from_url(
-            url, decode_responses=True, protocol=2, socket_timeout=SOCKET_TIMEOUT,
-            socket_connect_timeout=CONNECT_TIMEOUT, retry=Retry(NoBackoff(), 0))
-    except ValueError as exc:
-        say(f"error: -redis {redact(url)}: {exc}")
-        raise SystemExit(2) from None
-    cluster = Cluster(hub, url, client, backlog)
-    try:
-        await asyncio.wait_for(cluster.sync(), 3 * SOCKET_TIMEOUT)
-    except (RedisError, OSError, asyncio.TimeoutError) as exc:
-        say(f"error: cannot use Redis at {redact(url)}: {exc or type(exc).__name__}")
-        try:
-            await client.aclose()
-        except (RedisError, OSError):
-            pass
-        raise SystemExit(1) from None
-    hub.node = cluster.node
-    hub.submit = cluster.submit
-    cluster.task = asyncio.get_running_loop().create_task(cluster.run())
-    return cluster

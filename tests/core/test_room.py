@@ -1,4 +1,4 @@
-"""The pure core of server.py, driven by tables: no event loop, no sockets."""
+"""The room and its parsers (server.py's pure core), driven by tables: no event loop, no sockets."""
 
 from __future__ import annotations
 
@@ -37,7 +37,6 @@ from server import (
     is_valid_passcode,
     parse_command,
     parse_login,
-    stream_view,
     username_problem,
 )
 
@@ -173,145 +172,6 @@ HANDLE = [
 def test_room_handle(typed: str, outputs: list[server.Output]) -> None:
     room = room_with("alice", "bob", "carol")
     assert room.handle("alice", parse_command(typed), NOW) == outputs
-
-
-SAID_LINE = [
-    # (typed by alice, the room line said_line gives; None: step() must look closer)
-    ("Hello Room", "alice: Hello Room"),
-    ("  indented, trailing  ", "alice:   indented, trailing  "),
-    ("\\o/ a backslash inside", None),  # a leading backslash may be an escape
-    ("o/ \\o/", "alice: o/ \\o/"),
-    ("a:) b", "alice: a:) b"),
-    (":)", None),
-    (":Msg bob hi", None),
-    (":Exitx", None),  # plain text in the end, but it starts like a command
-    ("\\:)", None),
-    ("", None),
-    ("   ", None),
-    ("caf\u00e9", None),  # not ASCII: neutralise() decides
-    ("tab\there", None),
-    ("bell\x07", None),
-    ("del\x7f", None),
-]
-
-
-@pytest.mark.parametrize(("typed", "line"), SAID_LINE, ids=[repr(s[0]) for s in SAID_LINE])
-def test_said_line_is_the_plain_text_shortcut(typed: str, line: str | None) -> None:
-    room = room_with("alice", "bob")
-    assert room.said_line("alice", typed) == line
-    if line is not None:
-        assert room.step(Typed("alice", typed, NOW)) == [Log(line), Deliver(line, skip="alice")]
-
-
-def test_said_line_knows_only_the_members_as_they_joined() -> None:
-    room = room_with("Bob")
-    assert room.said_line("Bob", "hi") == "Bob: hi"
-    assert room.said_line("bob", "hi") is None  # not how Bob joined
-    assert room.said_line("carol", "hi") is None
-    room.leave("Bob")
-    assert room.said_line("Bob", "hi") is None
-    room.join("bob")
-    assert room.said_line("Bob", "hi") is None
-    assert room.said_line("bob", "hi") == "bob: hi"
-    room.handle("bob", Exit(), NOW)
-    assert room.said_line("bob", "hi") is None
-
-
-@given(st.sampled_from(["alice", "bob", "zed"]),
-       st.one_of(st.text(), st.text(alphabet=[chr(c) for c in range(0x20, 0x7F)])))
-def test_said_line_agrees_with_step(name: str, text: str) -> None:
-    room = room_with("alice", "bob")
-    line = room.said_line(name, text)
-    outputs = room.step(Typed(name, text, NOW))
-    if line is not None:
-        assert outputs == [Log(line), Deliver(line, skip=name)]
-        assert room.names == ["alice", "bob"]
-    elif name in ("alice", "bob") and text.isascii() and text.isprintable() \
-            and text.strip() and text[0] not in ":\\":
-        raise AssertionError(f"{text!r} is plain text, yet said_line declined it")
-
-
-TEXTS = st.lists(st.one_of(st.sampled_from([t for t, _ in SAID_LINE]),
-                           st.text(alphabet=[chr(c) for c in range(0x20, 0x7F)], max_size=6),
-                           st.text(max_size=4)), max_size=6)
-
-
-@given(st.sampled_from(["alice", "bob", "zed"]), TEXTS)
-def test_said_lines_is_said_line_for_all_or_none(name: str, texts: list[str]) -> None:
-    room = room_with("alice", "bob")
-    lines = [room.said_line(name, t) for t in texts]
-    block = room.said_lines(name, texts)
-    if texts and None not in lines:
-        assert block == "\n".join(lines)  # type: ignore[arg-type]
-    else:
-        assert block is None
-
-
-@pytest.mark.parametrize("texts", [["hi", "there"], ["hi", ":)"], [":)", "hi"], ["a", ""],
-                                   ["a", "\\o/"], ["a", "caf\u00e9"], ["a", "  "], []])
-def test_said_lines_declines_a_batch_with_one_line_that_needs_a_closer_look(
-        texts: list[str]) -> None:
-    room = room_with("alice")
-    expected = [room.said_line("alice", t) for t in texts]
-    got = room.said_lines("alice", texts)
-    assert got == ("\n".join(expected) if texts and None not in expected else None)  # type: ignore[arg-type]
-    assert (got is None) == (texts != ["hi", "there"])
-
-
-SAID_BYTES = [
-    # (a read of whole lines from alice, what said_bytes gives)
-    (b"hi\n", b"alice: hi\n"),
-    (b"hi\nthere\n", b"alice: hi\nalice: there\n"),
-    (b"a b  c~\n", b"alice: a b  c~\n"),
-    (b"x" * 2047 + b"\n", b"alice: " + b"x" * 2047 + b"\n"),
-    (b"hi \n", b"alice: hi \n"),
-    (b":)\n", None),  # a command
-    (b"hi\n:)\n", None),
-    (b"\\o/\n", None),  # an escape
-    (b"hi\n\\o/\n", None),
-    (b"\n", None),  # blank
-    (b"hi\n\n", None),
-    (b" \n", None),  # only a space: blank
-    (b"hi\n  \n", None),
-    (b" hi\n", None),  # plain, but said_bytes leaves every leading space to said_lines
-    (b"hi\r\n", None),  # the reader drops the CR: said_lines decides
-    (b"tab\there\n", None),
-    (b"caf\xc3\xa9\n", None),
-    (b"bad\xff\n", None),
-    (b"nul\x00\n", None),
-    (b"del\x7f\n", None),
-]
-
-
-@pytest.mark.parametrize(("data", "block"), SAID_BYTES, ids=[repr(d) for d, _ in SAID_BYTES])
-def test_said_bytes_is_plain_chat_from_bytes_to_bytes(data: bytes, block: bytes | None) -> None:
-    room = room_with("alice", "bob")
-    assert room.said_bytes("alice", data) == block
-    assert room.said_bytes("zed", data) is None  # not in the room
-    if block is not None:
-        texts = [line for line in LineReader(2048).feed(data) if isinstance(line, str)]
-        assert len(texts) == data.count(b"\n")  # every line, none too long
-        expected = room.said_lines("alice", texts)
-        assert expected is not None and (expected + "\n").encode() == block
-
-
-@given(st.sampled_from(["alice", "bob", "zed"]), TEXTS)
-def test_said_bytes_agrees_with_said_lines(name: str, texts: list[str]) -> None:
-    """Whatever said_bytes answers for a read, said_lines answers the same for
-    its lines; it declines more only for a CR or a leading space."""
-    room = room_with("alice", "bob")
-    data = "".join(t + "\n" for t in texts).encode("utf-8", "surrogatepass")
-    if not data:
-        return  # a read is never empty
-    lines = [line for line in LineReader(len(data)).feed(data) if isinstance(line, str)]
-    assert len(lines) == data.count(b"\n")  # none too long: the limit is the whole read
-    expected = room.said_lines(name, lines)
-    block = room.said_bytes(name, data)
-    if block is not None:
-        assert expected is not None
-        assert block == (expected + "\n").encode()
-    elif expected is not None:
-        assert b"\r" in data or any(line.startswith(" ") for line in lines)
 
 
 def test_time_is_zero_padded_and_has_no_double_spaces() -> None:
@@ -540,19 +400,3 @@ def test_any_login_line_is_checked_without_raising(passcode: str, name: str, jun
     if parsed is not None:
         refused = room.check_login(*parsed)
         assert refused is None or refused.code in {"passcode", "bad-username", "name-taken"}
-
-
-# --- stream_view: one connection's bytes in a pass ----------------------------------
-
-
-def test_stream_view_applies_skips_puts_and_ranges() -> None:
-    bcast = [b"A\n", b"B\n", b"C\n"]
-    common = b"".join(bcast)
-    offsets = [0, 2, 4, 6]
-    assert stream_view(common, offsets, [], 0, 3) == b"A\nB\nC\n"
-    assert stream_view(common, offsets, [(1, None)], 0, 3) == b"A\nC\n"
-    assert stream_view(common, offsets, [(1, b"p\n")], 0, 3) == b"A\np\nB\nC\n"
-    assert stream_view(common, offsets, [(0, b"p\n"), (0, None)], 0, 3) == b"p\nB\nC\n"
-    assert stream_view(common, offsets, [], 1, 3) == b"B\nC\n"  # joined mid-pass
-    assert stream_view(common, offsets, [(3, b":bye\n")], 0, 2) == b"A\nB\n:bye\n"  # left
-    assert stream_view(common, offsets, [(2, None)], 0, 2) == b"A\nB\n"
