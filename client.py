@@ -43,6 +43,7 @@ import socket
 import ssl
 import sys
 import threading
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
@@ -66,31 +67,139 @@ WAKE_SIGNAL = signal.SIGUSR1  # sent by the Link thread to the main thread
 # ---------------------------------------------------------------------------
 
 CONTROL_CHARACTERS = frozenset([*range(0x00, 0x20), *range(0x7F, 0xA0)])
-_NEUTRALISED = dict.fromkeys(CONTROL_CHARACTERS, "\ufffd")
+# Not terminal controls, but they break or reorder a line on the screen: the
+# line and paragraph separators and the bidi controls (the server replaces
+# them in messages too; a client trusts nothing from the network).
+LAYOUT_CHARACTERS = frozenset(
+    [0x2028, 0x2029, 0x200E, 0x200F, 0x061C, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+)
+_NEUTRALISED = dict.fromkeys(CONTROL_CHARACTERS | LAYOUT_CHARACTERS, "\ufffd")
 
 
 def sanitize(text: str) -> str:
-    """`text` with every control character (C0, DEL, C1) replaced by U+FFFD.
+    """`text` with every control character (C0, DEL, C1), line or paragraph
+    separator and bidi control replaced by U+FFFD.
 
     This removes ESC, so no escape sequence can reach a terminal.
     """
     return text.translate(_NEUTRALISED)
 
 
+# --- The username rule: the same lines in server.py and client.py -------------
+# Each file runs alone, so the rule is copied; tests/core/test_names.py holds
+# the two copies equal, character for character and in behaviour.
+
+# Default_Ignorable_Code_Point, from DerivedCoreProperties.txt of Unicode 15.1
+# (the standard library has no such property): code points a renderer draws
+# as nothing when it does not support them, so `bob` followed by one of them
+# looks like `bob`. Most are also category Cf or Cn, refused anyway; the table
+# adds U+034F, U+115F, U+1160, U+17B4, U+17B5, U+180B-U+180D, U+180F, U+3164,
+# U+FE00-U+FE0F, U+FFA0 and U+E0100-U+E01EF, which are letters or marks.
+_IGNORABLE = (
+    (0x00AD, 0x00AD),  # soft hyphen
+    (0x034F, 0x034F),  # combining grapheme joiner
+    (0x061C, 0x061C),  # Arabic letter mark
+    (0x115F, 0x1160),  # Hangul choseong and jungseong fillers
+    (0x17B4, 0x17B5),  # Khmer inherent vowels
+    (0x180B, 0x180F),  # Mongolian free variation selectors, vowel separator
+    (0x200B, 0x200F),  # zero width space, (non-)joiner, left-to-right and right-to-left marks
+    (0x202A, 0x202E),  # bidi embeddings, pop, overrides
+    (0x2060, 0x206F),  # word joiner, invisible operators, bidi isolates, deprecated formats
+    (0x3164, 0x3164),  # Hangul filler
+    (0xFE00, 0xFE0F),  # variation selectors
+    (0xFEFF, 0xFEFF),  # zero width no-break space (BOM)
+    (0xFFA0, 0xFFA0),  # halfwidth Hangul filler
+    (0xFFF0, 0xFFF8),  # reserved specials
+    (0x1BCA0, 0x1BCA3),  # shorthand format controls
+    (0x1D173, 0x1D17A),  # musical symbol format controls
+    (0xE0000, 0xE0FFF),  # tags, variation selectors supplement, reserved
+)
+# Visible-as-nothing characters that are not default-ignorable: the Braille
+# pattern blank (a symbol), and the Hangul fillers once more, to be explicit.
+_BLANK = "\u2800\u115f\u1160\u3164\uffa0"
+# Scripts that are written together: a name may mix Latin with these (as
+# Japanese, Chinese and Korean names do), but no other two scripts.
+_SCRIPTS_WRITTEN_TOGETHER = (
+    frozenset(("LATIN", "HAN", "HIRAGANA", "KATAKANA")),
+    frozenset(("LATIN", "HAN", "BOPOMOFO")),
+    frozenset(("LATIN", "HAN", "HANGUL")),
+)
+
+# Names whose first word is not the script's own.
+_SCRIPT_ALIASES = {"CJK": "HAN", "IDEOGRAPHIC": "HAN", "ARABIC-INDIC": "ARABIC",
+                   "EXTENDED": "ARABIC"}  # EXTENDED ARABIC-INDIC DIGIT ...
+
+
+def _is_ignorable(char: str) -> bool:
+    code = ord(char)
+    return any(low <= code <= high for low, high in _IGNORABLE)
+
+
+def _character_problem(char: str) -> str | None:
+    """What is wrong with `char` in a username, or None."""
+    if char == ":":
+        return "a username has no ':'"
+    category = unicodedata.category(char)
+    if category == "Cc":
+        return "a username has no control characters"
+    if char.isspace() or category[0] == "Z":
+        return "a username has no whitespace"
+    if category == "Cs" or char == "\ufffd":  # bytes that were not UTF-8
+        return "a username is valid UTF-8 (no U+FFFD)"
+    if category in ("Co", "Cn"):
+        return "a username has no private-use or unassigned characters"
+    if category == "Cf" or char in _BLANK or _is_ignorable(char):
+        return "a username has no invisible characters (format, filler, variation selector)"
+    return None
+
+
+def _script(char: str) -> str:
+    """The script of a letter or digit: the first word of its Unicode name
+    (LATIN, CYRILLIC, GREEK, HAN...); "" for anything else (ASCII digits,
+    marks, symbols, punctuation, modifier letters), which goes with any."""
+    if char.isascii():
+        return "LATIN" if char.isalpha() else ""
+    category = unicodedata.category(char)
+    if category[0] != "L" and category not in ("Nd", "Nl"):
+        return ""
+    word = unicodedata.name(char, "").split(" ", 1)[0]
+    if word in ("MODIFIER", "KATAKANA-HIRAGANA"):
+        return ""
+    return _SCRIPT_ALIASES.get(word, word)
+
+
 def username_problem(name: str) -> str | None:
-    """What is wrong with `name` as a username (SPEC.md), or None if nothing."""
+    """What is wrong with `name` as a username, or None if nothing.
+
+    SPEC.md: 1 to 8 characters; no whitespace, no ':', no control characters.
+    So that no name can pass for another, also refused: invisible characters
+    (format characters such as zero-width spaces and bidi controls, Unicode's
+    default-ignorable code points, fillers, variation selectors, the Braille
+    blank), U+FFFD (what bytes that were not UTF-8 became), private-use and
+    unassigned code points, a combining mark first, and letters of two
+    scripts (Latin with Cyrillic or Greek...) after NFKC normalisation.
+    """
     if not 1 <= len(name) <= MAX_USERNAME:
         return f"a username has 1 to {MAX_USERNAME} characters"
     for char in name:
-        if ord(char) in CONTROL_CHARACTERS:
-            return "a username has no control characters"
-        if char.isspace():
-            return "a username has no whitespace"
-        if char == ":":
-            return "a username has no ':'"
-        if "\ud800" <= char <= "\udfff":  # bytes of argv that were not UTF-8
-            return "a username is valid UTF-8"
+        problem = _character_problem(char)
+        if problem is not None:
+            return problem
+    if name.isascii():
+        return None
+    if unicodedata.category(name[0])[0] == "M":
+        return "a username does not start with a combining mark"
+    folded = unicodedata.normalize("NFKC", name)
+    if ":" in folded:  # a fullwidth or small colon, say
+        return "a username has no ':'"
+    scripts = {_script(char) for char in folded} - {""}
+    if len(scripts) > 1 and not any(scripts <= group for group in _SCRIPTS_WRITTEN_TOGETHER):
+        mixed = " and ".join(sorted(script.title() for script in scripts))
+        return f"a username does not mix scripts ({mixed})"
     return None
+
+
+# --- End of the username rule ----------------------------------------------------
 
 
 def is_valid_passcode(passcode: str) -> bool:

@@ -64,7 +64,12 @@ MAX_USERNAME: Final = 8
 
 _PASSCODE = re.compile(r"[A-Za-z0-9]{1,5}", re.ASCII)
 _CONTROL_CHARS: Final = "".join(map(chr, [*range(0x20), 0x7F, *range(0x80, 0xA0)]))
-_NEUTRALISE: Final = str.maketrans(dict.fromkeys(_CONTROL_CHARS, "\ufffd"))
+# Not terminal controls, but they break or reorder what a terminal shows: the
+# line and paragraph separators, and the bidi controls (marks, embeddings,
+# overrides, isolates), which can make a line display as someone else's.
+_LAYOUT_CHARS: Final = "\u2028\u2029\u200e\u200f\u061c" + "".join(
+    map(chr, [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]))
+_NEUTRALISE: Final = str.maketrans(dict.fromkeys(_CONTROL_CHARS + _LAYOUT_CHARS, "\ufffd"))
 
 
 def is_valid_passcode(text: str) -> bool:
@@ -72,20 +77,121 @@ def is_valid_passcode(text: str) -> bool:
     return _PASSCODE.fullmatch(text) is not None
 
 
+# --- The username rule: the same lines in server.py and client.py -------------
+# Each file runs alone, so the rule is copied; tests/core/test_names.py holds
+# the two copies equal, character for character and in behaviour.
+
+# Default_Ignorable_Code_Point, from DerivedCoreProperties.txt of Unicode 15.1
+# (the standard library has no such property): code points a renderer draws
+# as nothing when it does not support them, so `bob` followed by one of them
+# looks like `bob`. Most are also category Cf or Cn, refused anyway; the table
+# adds U+034F, U+115F, U+1160, U+17B4, U+17B5, U+180B-U+180D, U+180F, U+3164,
+# U+FE00-U+FE0F, U+FFA0 and U+E0100-U+E01EF, which are letters or marks.
+_IGNORABLE = (
+    (0x00AD, 0x00AD),  # soft hyphen
+    (0x034F, 0x034F),  # combining grapheme joiner
+    (0x061C, 0x061C),  # Arabic letter mark
+    (0x115F, 0x1160),  # Hangul choseong and jungseong fillers
+    (0x17B4, 0x17B5),  # Khmer inherent vowels
+    (0x180B, 0x180F),  # Mongolian free variation selectors, vowel separator
+    (0x200B, 0x200F),  # zero width space, (non-)joiner, left-to-right and right-to-left marks
+    (0x202A, 0x202E),  # bidi embeddings, pop, overrides
+    (0x2060, 0x206F),  # word joiner, invisible operators, bidi isolates, deprecated formats
+    (0x3164, 0x3164),  # Hangul filler
+    (0xFE00, 0xFE0F),  # variation selectors
+    (0xFEFF, 0xFEFF),  # zero width no-break space (BOM)
+    (0xFFA0, 0xFFA0),  # halfwidth Hangul filler
+    (0xFFF0, 0xFFF8),  # reserved specials
+    (0x1BCA0, 0x1BCA3),  # shorthand format controls
+    (0x1D173, 0x1D17A),  # musical symbol format controls
+    (0xE0000, 0xE0FFF),  # tags, variation selectors supplement, reserved
+)
+# Visible-as-nothing characters that are not default-ignorable: the Braille
+# pattern blank (a symbol), and the Hangul fillers once more, to be explicit.
+_BLANK = "\u2800\u115f\u1160\u3164\uffa0"
+# Scripts that are written together: a name may mix Latin with these (as
+# Japanese, Chinese and Korean names do), but no other two scripts.
+_SCRIPTS_WRITTEN_TOGETHER = (
+    frozenset(("LATIN", "HAN", "HIRAGANA", "KATAKANA")),
+    frozenset(("LATIN", "HAN", "BOPOMOFO")),
+    frozenset(("LATIN", "HAN", "HANGUL")),
+)
+
+# Names whose first word is not the script's own.
+_SCRIPT_ALIASES = {"CJK": "HAN", "IDEOGRAPHIC": "HAN", "ARABIC-INDIC": "ARABIC",
+                   "EXTENDED": "ARABIC"}  # EXTENDED ARABIC-INDIC DIGIT ...
+
+
+def _is_ignorable(char: str) -> bool:
+    code = ord(char)
+    return any(low <= code <= high for low, high in _IGNORABLE)
+
+
+def _character_problem(char: str) -> str | None:
+    """What is wrong with `char` in a username, or None."""
+    if char == ":":
+        return "a username has no ':'"
+    category = unicodedata.category(char)
+    if category == "Cc":
+        return "a username has no control characters"
+    if char.isspace() or category[0] == "Z":
+        return "a username has no whitespace"
+    if category == "Cs" or char == "\ufffd":  # bytes that were not UTF-8
+        return "a username is valid UTF-8 (no U+FFFD)"
+    if category in ("Co", "Cn"):
+        return "a username has no private-use or unassigned characters"
+    if category == "Cf" or char in _BLANK or _is_ignorable(char):
+        return "a username has no invisible characters (format, filler, variation selector)"
+    return None
+
+
+def _script(char: str) -> str:
+    """The script of a letter or digit: the first word of its Unicode name
+    (LATIN, CYRILLIC, GREEK, HAN...); "" for anything else (ASCII digits,
+    marks, symbols, punctuation, modifier letters), which goes with any."""
+    if char.isascii():
+        return "LATIN" if char.isalpha() else ""
+    category = unicodedata.category(char)
+    if category[0] != "L" and category not in ("Nd", "Nl"):
+        return ""
+    word = unicodedata.name(char, "").split(" ", 1)[0]
+    if word in ("MODIFIER", "KATAKANA-HIRAGANA"):
+        return ""
+    return _SCRIPT_ALIASES.get(word, word)
+
+
 def username_problem(name: str) -> str | None:
-    """Why `name` cannot be a username, or None if it can.
+    """What is wrong with `name` as a username, or None if nothing.
 
     SPEC.md: 1 to 8 characters; no whitespace, no ':', no control characters.
-    Invisible format characters (zero-width spaces, bidi overrides) count as
-    control characters here, so that no two names can look the same; so does
-    U+FFFD, which is what bytes that were not UTF-8 became.
+    So that no name can pass for another, also refused: invisible characters
+    (format characters such as zero-width spaces and bidi controls, Unicode's
+    default-ignorable code points, fillers, variation selectors, the Braille
+    blank), U+FFFD (what bytes that were not UTF-8 became), private-use and
+    unassigned code points, a combining mark first, and letters of two
+    scripts (Latin with Cyrillic or Greek...) after NFKC normalisation.
     """
     if not 1 <= len(name) <= MAX_USERNAME:
-        return "a username has 1 to 8 characters"
-    for ch in name:
-        if ch in ":\ufffd" or ch.isspace() or unicodedata.category(ch)[0] in "CZ":
-            return "a username may not contain whitespace, ':' or control characters"
+        return f"a username has 1 to {MAX_USERNAME} characters"
+    for char in name:
+        problem = _character_problem(char)
+        if problem is not None:
+            return problem
+    if name.isascii():
+        return None
+    if unicodedata.category(name[0])[0] == "M":
+        return "a username does not start with a combining mark"
+    folded = unicodedata.normalize("NFKC", name)
+    if ":" in folded:  # a fullwidth or small colon, say
+        return "a username has no ':'"
+    scripts = {_script(char) for char in folded} - {""}
+    if len(scripts) > 1 and not any(scripts <= group for group in _SCRIPTS_WRITTEN_TOGETHER):
+        mixed = " and ".join(sorted(script.title() for script in scripts))
+        return f"a username does not mix scripts ({mixed})"
     return None
+
+
+# --- End of the username rule ----------------------------------------------------
 
 
 def name_key(name: str) -> str:
@@ -93,8 +199,56 @@ def name_key(name: str) -> str:
     return unicodedata.normalize("NFC", name).casefold()
 
 
+# Letters of other scripts (and a few Latin ones) that look like a Latin
+# letter, each mapped to the letter it passes for, in the same case: Cyrillic,
+# Greek and Armenian look-alikes, Latin small capitals, dotless i and j,
+# script a and g. Written for this project after the idea of the
+# confusables data of Unicode's UTS #39, which is much larger; see
+# docs/SECURITY.md ("Names") for what is and is not covered.
+_LOOK_ALIKE: Final = str.maketrans({
+    # Cyrillic capitals, then small letters
+    "\u0410": "A", "\u0412": "B", "\u0415": "E", "\u041a": "K", "\u041c": "M", "\u041d": "H",
+    "\u041e": "O", "\u0420": "P", "\u0421": "C", "\u0422": "T", "\u0423": "Y", "\u0425": "X",
+    "\u0405": "S", "\u0406": "I", "\u0408": "J", "\u04ae": "Y", "\u04ba": "h", "\u04c0": "l",
+    "\u0474": "V", "\u051a": "Q", "\u051c": "W",
+    "\u0430": "a", "\u0435": "e", "\u043e": "o", "\u0440": "p", "\u0441": "c", "\u0443": "y",
+    "\u0445": "x", "\u0455": "s", "\u0456": "i", "\u0458": "j", "\u0501": "d", "\u04bb": "h",
+    "\u04cf": "l", "\u04af": "y", "\u0475": "v", "\u051b": "q", "\u051d": "w",
+    # Greek capitals, then small letters
+    "\u0391": "A", "\u0392": "B", "\u0395": "E", "\u0396": "Z", "\u0397": "H", "\u0399": "I",
+    "\u039a": "K", "\u039c": "M", "\u039d": "N", "\u039f": "O", "\u03a1": "P", "\u03a4": "T",
+    "\u03a5": "Y", "\u03a7": "X", "\u037f": "J",
+    "\u03b1": "a", "\u03bf": "o", "\u03bd": "v", "\u03c1": "p", "\u03b9": "i", "\u03ba": "k",
+    "\u03c5": "u", "\u03c7": "x", "\u03b3": "y", "\u03f3": "j",
+    # Armenian
+    "\u0555": "O", "\u054d": "U", "\u0585": "o", "\u0578": "n", "\u057d": "u", "\u0570": "h",
+    "\u0566": "q",
+    # Latin: small capitals (they pass for capitals, and names ignore case),
+    # dotless i and j, script a and g, the dental click (a bar)
+    "\u1d00": "A", "\u0299": "B", "\u1d04": "C", "\u1d05": "D", "\u1d07": "E", "\ua730": "F",
+    "\u0262": "G", "\u029c": "H", "\u026a": "I", "\u1d0a": "J", "\u1d0b": "K", "\u029f": "L",
+    "\u1d0d": "M", "\u0274": "N", "\u1d0f": "O", "\u1d18": "P", "\ua7af": "Q", "\u0280": "R",
+    "\ua731": "S", "\u1d1b": "T", "\u1d1c": "U", "\u1d20": "V", "\u1d21": "W", "\u028f": "Y",
+    "\u1d22": "Z", "\u0131": "i", "\u0237": "j", "\u0251": "a", "\u0261": "g", "\u01c0": "l",
+})
+
+
+def name_skeleton(name: str) -> str:
+    """What `name` looks like, for telling look-alike names apart, in the
+    spirit of the "skeleton" of Unicode's UTS #39: compatibility forms
+    unfolded (NFKD: fullwidth, mathematical and ligature letters become plain
+    ones, accents become marks), look-alike letters mapped to the Latin
+    letter they pass for, case folded. Two names with one skeleton cannot
+    both be in the room. ASCII letters and digits are left as they are:
+    `b0b` and `bob` are different names (see docs/SECURITY.md, "Names")."""
+    text = unicodedata.normalize("NFKD", name).translate(_LOOK_ALIKE).casefold()
+    return unicodedata.normalize("NFKD", text).translate(_LOOK_ALIKE)
+
+
 def neutralise(text: str) -> str:
-    """Replace every control character with U+FFFD, so no terminal obeys it."""
+    """Replace every control character (C0, DEL, C1), and the line and
+    paragraph separators and bidi controls, with U+FFFD, so no terminal obeys
+    them."""
     if text.isascii() and text.isprintable():
         return text  # the usual case, and nothing to replace
     return text.translate(_NEUTRALISE)
@@ -425,6 +579,7 @@ class Room:
         self._passcode = passcode.encode()
         self._members: dict[str, str] = {}  # name_key -> name, in join order
         self._present: set[str] = set()  # the same names, exactly as they joined
+        self._looks: dict[str, int] = {}  # name_skeleton -> how many members have it
 
     def __contains__(self, name: str) -> bool:
         return name_key(name) in self._members
@@ -438,13 +593,15 @@ class Room:
         return hmac.compare_digest(passcode.encode(), self._passcode)
 
     def check_login(self, passcode: str, name: str) -> Refused | None:
-        """Why this login is refused, or None. The passcode is checked first."""
+        """Why this login is refused, or None. The passcode is checked first.
+        A name is taken when a member has it (ignoring case) or one that looks
+        the same (name_skeleton): `ΒΟΒ` in Greek capitals while `bob` is in."""
         if not self.passcode_ok(passcode):
             return Refused("passcode", "Incorrect passcode")
         problem = username_problem(name)
         if problem is not None:
             return Refused("bad-username", f"Invalid username: {problem}")
-        if name in self:
+        if name in self or name_skeleton(name) in self._looks:  # or one that looks the same
             return Refused("name-taken", f"The username {name} is already in the chatroom")
         return None
 
@@ -514,11 +671,18 @@ class Room:
         if isinstance(event, Joined):
             self._members[name_key(event.name)] = event.name
             self._present.add(event.name)
+            looks = name_skeleton(event.name)
+            self._looks[looks] = self._looks.get(looks, 0) + 1
             line = f"{event.name} joined the chatroom"
         else:
             gone = self._members.pop(name_key(event.name), None)
             if gone is not None:
                 self._present.discard(gone)
+                looks = name_skeleton(gone)
+                if self._looks[looks] > 1:
+                    self._looks[looks] -= 1
+                else:
+                    del self._looks[looks]
             line = f"{event.name} left the chatroom"
         return [Log(line), Deliver(line, skip=event.name)]
 
