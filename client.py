@@ -12,12 +12,15 @@ SIGHUP); 1 when the login is refused or the connection fails or is lost;
 
 How the file is organised, top to bottom:
 
-1. The pure part, no I/O: the argument rules, sanitize(), classify() that
-   turns one server line into an Event, and LineSplitter that cuts the byte
-   stream from the server into Events, dropping over-long lines.
+1. The pure part, no I/O: the argument rules (the username rule is the
+   server's, copied), sanitize(), classify() that turns one server line into
+   an Event, LineSplitter that cuts the byte stream from the server into
+   Events, dropping over-long lines, and fold() for a terminal's width.
 2. Output: whole lines to stdout and stderr, one at a time, never raising.
    When stdin and stdout are both terminals, a line is printed above the line
-   being typed, which readline then shows again.
+   being typed, which readline then shows again. On a terminal, a line wider
+   than it is folded, its continuation rows indented (fold()), so that no
+   padding can make a row look like a line of its own.
 3. Stopper: turns the signals into one Stop exception in the main thread.
 4. Connecting (TLS optional) and logging in: the main thread, blocking.
 5. Link: after the login, one thread owns the socket and does all of its
@@ -38,6 +41,7 @@ import enum
 import io
 import os
 import selectors
+import shutil
 import signal
 import socket
 import ssl
@@ -372,6 +376,51 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Set
     )
 
 
+CONTINUATION = "  "  # starts every row of a wrapped line but its first, on a terminal
+
+
+def cell_width(char: str) -> int:
+    """How many columns a terminal gives `char`: 0 for a combining mark or a
+    format character, 2 for a wide or fullwidth one (East Asian Width W or
+    F), 1 for the rest."""
+    if char.isascii():
+        return 1
+    if unicodedata.category(char) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def fold(line: str, columns: int) -> str:
+    """`line` (sanitised) cut into rows of at most `columns` columns, each row
+    after the first starting with CONTINUATION, joined by \\n.
+
+    A terminal wraps a long line by itself, and then its next row starts at
+    the left edge like a line of its own: `ok` padded with spaces up to the
+    edge, then `bob: ...`, would look like a line from bob. Cut here, every
+    row that is not the start of a line is indented, and nothing a member
+    sends can start a row at the left edge. A wide character that does not
+    fit at the end of a row goes to the next, as a terminal does; a character
+    followed by U+FE0F (shown as an emoji) counts as wide. Lines that fit,
+    and terminals too narrow to indent, are left as they are.
+    """
+    if len(line) * 2 <= columns or columns <= 2 * len(CONTINUATION) or (
+        line.isascii() and len(line) <= columns
+    ):
+        return line
+    out: list[str] = []
+    used = 0
+    for index, char in enumerate(line):
+        width = cell_width(char)
+        if width == 1 and line[index + 1 : index + 2] == "\ufe0f":
+            width = 2
+        if used + width > columns and used > len(CONTINUATION):
+            out.append("\n" + CONTINUATION)
+            used = len(CONTINUATION)
+        out.append(char)
+        used += width
+    return "".join(out)
+
+
 def describe(exc: BaseException) -> str:
     """A short reason for a failed operation, for one line on stderr."""
     if isinstance(exc, ssl.SSLError) and exc.reason:  # "WRONG_VERSION_NUMBER"
@@ -396,6 +445,10 @@ class Output:
     `current_input`, given only when stdin and stdout are both terminals,
     returns the line being typed: a line is then printed above it ("\\r",
     erase the line, the text, "\\n"), and the typed line is drawn again.
+
+    On a terminal, a line wider than the terminal is folded (fold()) so
+    that its continuation rows are indented; anywhere else the bytes are
+    exactly the line's.
     """
 
     def __init__(self, current_input: Callable[[], str] | None = None) -> None:
@@ -416,8 +469,12 @@ class Output:
             self._write(sys.stdout, "\r\x1b[K")
 
     def _write_line(self, stream: TextIO, text: str) -> None:
-        data = sanitize(text) + "\n"
-        if self._current_input is not None and stream.isatty():
+        line = sanitize(text)
+        if not _is_terminal(stream):
+            self._write(stream, line + "\n")
+            return
+        data = fold(line, shutil.get_terminal_size().columns) + "\n"
+        if self._current_input is not None:
             data = f"\r\x1b[K{data}{self._current_input()}"
         self._write(stream, data)
 
@@ -428,6 +485,13 @@ class Output:
                 stream.buffer.flush()
             except (OSError, ValueError):
                 _send_to_devnull(stream)
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (OSError, ValueError):  # closed, or detached
+        return False
 
 
 def _send_to_devnull(stream: TextIO) -> None:

@@ -12,11 +12,15 @@ import functools
 import os
 import pty
 import re
+import shlex
+import shutil
+import struct
 import subprocess
 import termios
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from harness import DEFAULT_TIMEOUT, Room, child_env
@@ -29,8 +33,13 @@ CSI = re.compile(rb"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Z0-9]|\x1b[=>]")
 class Terminal:
     """A client whose stdin, stdout and controlling terminal are one pty."""
 
-    def __init__(self, argv: list[str], cwd: str) -> None:
+    def __init__(self, argv: list[str], cwd: str, columns: int = 0) -> None:
         master, slave = pty.openpty()
+        env = child_env()
+        if columns:  # a terminal of that width, which the client asks the pty for
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+            env.pop("COLUMNS", None)
+            env.pop("LINES", None)
         self.master = master
         self.screen = b""
         self.changed = threading.Condition()
@@ -42,7 +51,7 @@ class Terminal:
         self.popen = subprocess.Popen(
             argv,
             cwd=cwd,
-            env=child_env(),
+            env=env,
             stdin=slave,
             stdout=slave,
             stderr=subprocess.PIPE,
@@ -178,3 +187,95 @@ def test_ctrl_d_and_ctrl_c_leave_the_room(
     status, err = terminal.finish()
     assert status == 0, f"{name}: status {status}\n{terminal.text()}"
     assert "Traceback" not in err and "Traceback" not in terminal.text(), err
+
+
+# --- a wrapped line's continuation is indented (issue 19) -----------------------------------
+
+# bob's line padded to the edge of an 80-column terminal, then what passes for a line
+# of carol's: a terminal that wraps it by itself starts a row with "carol: ...".
+PADDED = "ok" + " " * 73 + "carol: passcode changed to zz9"
+FAKE_ROW = "carol: passcode changed to zz9"
+
+
+def test_a_wrapped_line_continues_indented_on_a_terminal(room: Room) -> None:
+    room.start_server()
+    bob = room.join("bob")
+    term = Terminal(room._py("client.py") + room.client_args("alice"), str(room.client_dir),
+                    columns=80)
+    try:
+        enter_the_room(room, term)
+        bob.send(PADDED)
+        term.wait_for_row("  " + FAKE_ROW)
+        rows = term.text().split("\n")
+        assert "bob: ok" + " " * 73 in rows  # the first row, exactly 80 columns
+        assert not any(row.startswith(FAKE_ROW) for row in rows), term.text()
+        term.type(":Exit\r")
+        status, err = term.finish()
+        assert (status, err) == (0, ""), term.text()
+    finally:
+        term.close()
+
+
+class Tmux:
+    """A tmux server of its own with one 80x24 window: a real terminal emulator,
+    whose screen (capture-pane) is what a person would read."""
+
+    def __init__(self, tmp: str) -> None:
+        self.socket = os.path.join(tmp, "tmux.sock")
+        self.env = child_env()
+        for var in ("TMUX", "COLUMNS", "LINES"):
+            self.env.pop(var, None)
+
+    def run(self, *args: str) -> str:
+        argv = ["tmux", "-S", self.socket, "-f", os.devnull, *args]
+        done = subprocess.run(argv, capture_output=True, text=True, env=self.env,
+                              stdin=subprocess.DEVNULL, timeout=DEFAULT_TIMEOUT)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def start(self, window: str, command: list[str], cwd: str) -> None:
+        shell = f"cd {shlex.quote(cwd)} && {shlex.join(command)}; sleep 60"
+        if not os.path.exists(self.socket):
+            self.run("new-session", "-d", "-x", "80", "-y", "24", "-s", "t", "-n", window, shell)
+        else:
+            self.run("new-window", "-d", "-t", "t", "-n", window, shell)
+
+    def screen(self, window: str) -> list[str]:
+        return self.run("capture-pane", "-p", "-t", f"t:{window}").split("\n")
+
+    def wait_for_row(self, window: str, row: str) -> list[str]:
+        deadline = time.monotonic() + DEFAULT_TIMEOUT
+        while row not in (screen := self.screen(window)):
+            if time.monotonic() > deadline:
+                pytest.fail(f"tmux never showed {row!r}; it shows:\n" + "\n".join(screen))
+            time.sleep(0.05)
+        return screen
+
+    def close(self) -> None:
+        if os.path.exists(self.socket):
+            subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True,
+                           env=self.env, stdin=subprocess.DEVNULL, timeout=DEFAULT_TIMEOUT)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_padding_cannot_fake_a_line_in_a_real_terminal(room: Room, tmp_path: Path) -> None:
+    tmux = Tmux(str(tmp_path))
+    try:
+        # What any program that prints the line as it is shows: a fake row of carol's.
+        printf = ["printf", "%s\\n", "bob: " + PADDED]
+        tmux.start("plain", printf, str(tmp_path))
+        assert FAKE_ROW in [row.rstrip() for row in tmux.wait_for_row("plain", FAKE_ROW)]
+        # client.py on the same terminal: the row is indented, so it is bob's line.
+        room.start_server()
+        bob = room.join("bob")
+        tmux.start("client", room._py("client.py") + room.client_args("alice"),
+                   str(room.client_dir))
+        assert room.server is not None
+        room.server.expect("alice joined the chatroom")
+        bob.expect("alice joined the chatroom")
+        bob.send(PADDED)
+        screen = tmux.wait_for_row("client", "  " + FAKE_ROW)
+        assert "bob: ok" in [row.rstrip() for row in screen]
+        assert not any(row.startswith(FAKE_ROW) for row in screen), "\n".join(screen)
+    finally:
+        tmux.close()

@@ -4,6 +4,8 @@ line splitter and the command-line rules. No sockets, no processes."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import client
 from client import Event, Kind, LineSplitter, Settings
@@ -275,3 +277,51 @@ def test_help_is_allowed_to_be_long(capsys: pytest.CaptureFixture[str]) -> None:
 )
 def test_describe(exc: BaseException, reason: str) -> None:
     assert client.describe(exc) == reason
+
+
+# --- fold: a wrapped line's continuation, on a terminal --------------------------------
+
+FAKE_LINE = "bob: ok" + " " * 73 + "carol: passcode changed to zz9"  # the padding attack
+
+
+def rows_of(folded: str) -> list[str]:
+    return folded.split("\n")
+
+
+def columns_of(row: str) -> int:
+    return sum(client.cell_width(ch) for ch in row)
+
+
+def test_fold_indents_the_tail_of_a_padded_line() -> None:
+    rows = rows_of(client.fold(FAKE_LINE, 80))
+    assert rows == ["bob: ok" + " " * 73, "  carol: passcode changed to zz9"]
+
+
+@pytest.mark.parametrize(
+    ("line", "columns", "expected"),
+    [
+        ("short", 80, ["short"]),
+        ("x" * 80, 80, ["x" * 80]),  # exactly the width: one row
+        ("x" * 81, 80, ["x" * 80, "  x"]),
+        ("x" * 20, 8, ["x" * 8, "  xxxxxx", "  xxxxxx"]),
+        ("日本語日本語", 7, ["日本語", "  日本", "  語"]),  # a wide character never splits
+        ("e\u0301" * 6, 5, ["e\u0301" * 5, "  e\u0301"]),  # marks take no column
+        ("\u263a\ufe0f" * 3, 5, ["\u263a\ufe0f" * 2, "  \u263a\ufe0f"]),  # emoji presentation
+        ("x" * 20, 4, ["x" * 20]),  # too narrow to indent: left to the terminal
+        ("x" * 20, 0, ["x" * 20]),  # no width known
+    ],
+    ids=ascii,
+)
+def test_fold(line: str, columns: int, expected: list[str]) -> None:
+    assert rows_of(client.fold(line, columns)) == expected
+
+
+@given(st.text(), st.integers(min_value=5, max_value=200))
+def test_fold_rows_fit_and_every_continuation_is_indented(text: str, columns: int) -> None:
+    line = client.sanitize(text)
+    rows = rows_of(client.fold(line, columns))
+    assert "".join([rows[0], *(row[2:] for row in rows[1:])]) == line  # nothing lost or added
+    for row in rows:
+        assert columns_of(row) <= columns
+    for row in rows[1:]:
+        assert row.startswith(client.CONTINUATION) and columns_of(row) > 2
