@@ -353,7 +353,8 @@ def make_parser() -> argparse.ArgumentParser:
         "-username",
         required=True,
         type=_username_argument,
-        help="1 to 8 characters; no whitespace, no ':', no control characters",
+        help="1 to 8 characters; no whitespace, no ':', no control characters; "
+        "nothing invisible, letters of one script",
     )
     parser.add_argument("-passcode", required=True, help="the room's passcode")
     parser.add_argument("-tls", action="store_true", help="connect with TLS")
