@@ -241,6 +241,8 @@ def name_skeleton(name: str) -> str:
     letter they pass for, case folded. Two names with one skeleton cannot
     both be in the room. ASCII letters and digits are left as they are:
     `b0b` and `bob` are different names (see docs/SECURITY.md, "Names")."""
+    if name.isascii():
+        return name.lower()  # the usual case: ASCII has no look-alikes here
     text = unicodedata.normalize("NFKD", name).translate(_LOOK_ALIKE).casefold()
     return unicodedata.normalize("NFKD", text).translate(_LOOK_ALIKE)
 
