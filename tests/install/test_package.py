@@ -88,7 +88,7 @@ def test_the_commands_hold_a_conversation(installed: Path, tmp_path: Path) -> No
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         cwd=tmp_path)
     try:
-        assert server.stdout is not None
+        assert server.stdout is not None and server.stderr is not None
         first = server.stdout.readline()
         assert first.startswith("Server started on port "), first + server.stderr.read()
         port = first.split()[4].rstrip(".")
