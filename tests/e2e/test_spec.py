@@ -1,6 +1,6 @@
-"""SPEC.md, row by row: every table row and every decision under "What the seed
-leaves open", checked to the byte against real server.py and client.py
-processes, on the current Python and on Python 3.10.
+"""docs/SPEC.md, row by row: every table row and every decision (leaving,
+disconnects, names taken, errors, exit statuses), checked to the byte against
+real server.py and client.py processes, on the current Python and on 3.10.
 
 Proving that something was NOT printed never sleeps: `Room.assert_quiet` (or a
 later join) is an in-order barrier, see tests/harness.py.
