@@ -303,3 +303,42 @@ def test_a_read_is_its_lines_however_the_bytes_are_cut(lines: list[str],
     expected = room_after([whole] if whole else [])
     assert room_after([p for p in pieces if p]) == expected
     assert room_after(one_by_one) == expected
+
+
+# --- the plain-chat shortcut is the general path, quicker ------------------------------
+
+READS = st.lists(st.one_of(
+    st.lists(st.sampled_from(["hi", "Hello Room", " lead", "trail ", ":)", ":Users", "\\:)",
+                              "", "  ", "caf\u00e9", "tab\there", "cr\r", "x" * 30, "a:b",
+                              "o/ \\o/", "~!@#$%^&*()"]), min_size=1, max_size=5)
+    .map(lambda lines: "".join(line + "\n" for line in lines).encode()),
+    st.binary(min_size=1, max_size=40),
+), min_size=1, max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(READS)
+def test_the_plain_chat_shortcut_gives_what_the_general_path_gives(reads: list[bytes]) -> None:
+    """Core.receive may take a shortcut for whole reads of plain chat; with
+    it or without it, every connection and stdout get the same bytes after
+    every read, and the room ends the same."""
+    quick, general = Wire(Limits(max_line=32)), Wire(Limits(max_line=32))
+    general.core.shortcut = False
+    for w in (quick, general):
+        w.login(1, "alice")
+        w.login(2, "bob")
+    for data in reads:
+        quick.send(1, data)
+        general.send(1, data)
+        assert (quick.got, quick.printed, quick.closed) == \
+            (general.got, general.printed, general.closed)
+    assert quick.core.room.names == general.core.room.names
+
+
+def test_the_shortcut_is_taken_for_plain_chat() -> None:
+    w = Wire()
+    w.login(1, "alice")
+    w.login(2, "bob")
+    w.core.room = None  # type: ignore[assignment]  # the shortcut never asks the room
+    w.send(1, b"hi\nthere\n")
+    assert w.got[2].endswith(b"alice: hi\nalice: there\n")
