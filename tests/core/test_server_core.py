@@ -177,16 +177,16 @@ def test_a_login_not_finished_in_time_is_refused_and_a_member_never_is() -> None
     w.login(1, "alice")
     w.connect(2, now=NOW + 1)
     w.send(2, b"LOGI", now=NOW + 2)  # half a login line
-    assert w.core.next_deadline() == NOW + 5
-    w.core.expire(NOW + 4.9)
+    assert w.core.next_tick() == NOW + 5
+    w.core.tick(NOW + 4.9)
     w.take()
     assert w.closed == []
-    w.core.expire(NOW + 6)
+    w.core.tick(NOW + 6)
     w.take()
     assert w.got[2] == HELLO + b":error login-timeout The login was not finished in time\n"
     assert w.closed == [2]
     assert w.got[1] == HELLO + b":ok alice\n"
-    assert w.core.next_deadline() is None
+    assert w.core.next_tick() is None
 
 
 def test_a_line_too_long_is_refused_and_the_member_stays() -> None:
