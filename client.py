@@ -5,7 +5,7 @@
                       -passcode <passcode> [-tls] [-tls-ca FILE]
 
 It speaks the wire protocol of docs/PROTOCOL.md and prints exactly the lines
-of shared/SPEC.md: the room's lines on stdout, anything else as one line on
+of docs/SPEC.md: the room's lines on stdout, anything else as one line on
 stderr. Exit status: 0 after :Exit, end of input or Ctrl-C (SIGINT, SIGTERM,
 SIGHUP); 1 when the login is refused or the connection fails or is lost;
 2 for bad arguments.

@@ -26,7 +26,7 @@ from typing import IO
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CLIENT = ROOT / "client.py"
 TIMEOUT = 10.0
 PASSCODE = "abc12"
