@@ -1285,7 +1285,7 @@ class Printer:
     file descriptor itself (os.write), holding no lock the interpreter needs
     at exit, so a stdout that never drains cannot hold up the server's end."""
 
-    def __init__(self, fd: int, limit: int = 1 << 20) -> None:
+    def __init__(self, fd: int, limit: int = 8 << 20) -> None:
         self._fd = fd
         self._limit = limit
         self._pending: list[bytes] = []
@@ -1370,7 +1370,9 @@ class Connection(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         self.addr = address_key(str(peer[0])) if peer else ""
         if self.tls is not None:
-            transport.pause_reading()  # nothing is read before the handshake
+            # Nothing is read before the handshake: start_tls, which runs before
+            # this transport's first read, stops reading it and hands it to TLS.
+            # (Pausing here instead breaks Python 3.10's start_tls.)
             self.held = []
         self.cid = self.hub.connected(self, securing=self.tls is not None)
         if self.tls is not None and self.hub.core.admitted(self.cid):
