@@ -43,6 +43,7 @@ import re
 import signal
 import socket
 import ssl
+import stat
 import struct
 import sys
 import threading
@@ -1283,11 +1284,16 @@ class Printer:
     wait, further lines are counted instead of kept; once stdout takes lines
     again, the count is told on stderr in one line. The thread writes the
     file descriptor itself (os.write), holding no lock the interpreter needs
-    at exit, so a stdout that never drains cannot hold up the server's end."""
+    at exit, so a stdout that never drains cannot hold up the server's end.
+    A regular file never stalls: it is written at once, with no thread."""
 
     def __init__(self, fd: int, limit: int = 8 << 20) -> None:
         self._fd = fd
         self._limit = limit
+        try:  # a regular file takes every write at once: no thread needed
+            self._direct = stat.S_ISREG(os.fstat(fd).st_mode)
+        except OSError:
+            self._direct = False
         self._pending: list[bytes] = []
         self._size = 0  # bytes taken and not yet written (pending or being written)
         self._lost = 0  # lines not kept since the last report
@@ -1295,9 +1301,13 @@ class Printer:
         self._broken = False  # nobody reads our stdout any more: nothing to wait for
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="stdout", daemon=True)
-        self._thread.start()
+        if not self._direct:
+            self._thread.start()
 
     def write(self, data: bytes) -> None:
+        if self._direct:
+            self._write(data)
+            return
         with self._cond:
             if self._broken:
                 return
@@ -1318,13 +1328,8 @@ class Printer:
                 data = b"".join(self._pending)
                 self._pending = []
                 lost, self._lost = self._lost, 0
-            view = memoryview(data)
-            try:
-                while view:
-                    view = view[os.write(self._fd, view):]
-            except OSError:  # a closed pipe: the room goes on, unprinted
+            if not self._write(data):
                 with self._cond:
-                    self._broken = True
                     self._pending, self._size = [], 0
                 return
             with self._cond:
@@ -1334,8 +1339,24 @@ class Printer:
                                  "(stdout was not being read)\n")
                 sys.stderr.flush()
 
+    def _write(self, data: bytes) -> bool:
+        """Write all of `data`; False once stdout is closed (the room goes on)."""
+        view = memoryview(data)
+        try:
+            while view and not self._broken:
+                view = view[os.write(self._fd, view):]
+        except OSError:
+            self._broken = True
+        return not self._broken
+
+    def alive(self) -> bool:
+        """Is stdout still open (someone may read it)?"""
+        return not self._broken
+
     def close(self, timeout: float = 2.0) -> None:
         """Write what waits (for at most `timeout` seconds), then stop."""
+        if self._direct:
+            return
         with self._cond:
             self._closed = True
             self._cond.notify()
