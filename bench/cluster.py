@@ -99,7 +99,7 @@ class Server:
 
     def __init__(self, workdir: Path, name: str, redis_url: str | None) -> None:
         args = [sys.executable, str(ROOT / "server.py"), "-start", "-port", "0",
-                "-passcode", PASSCODE]
+                "-passcode", PASSCODE, "-line-rate", "0", "-byte-rate", "0"]  # raw speed
         if redis_url:
             args += ["-redis", redis_url]
         self.out = workdir / f"{name}.out"

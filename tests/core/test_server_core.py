@@ -176,16 +176,16 @@ def test_a_login_not_finished_in_time_is_refused_and_a_member_never_is() -> None
     w.login(1, "alice")
     w.connect(2, now=NOW + 1)
     w.send(2, b"LOGI", now=NOW + 2)  # half a login line
-    assert w.core.next_deadline() == NOW + 5
-    w.core.expire(NOW + 4.9)
+    assert w.core.next_tick() == NOW + 5
+    w.core.tick(NOW + 4.9)
     w.take()
     assert w.closed == []
-    w.core.expire(NOW + 6)
+    w.core.tick(NOW + 6)
     w.take()
     assert w.got[2] == HELLO + b":error login-timeout The login was not finished in time\n"
     assert w.closed == [2]
     assert w.got[1] == HELLO + b":ok alice\n"
-    assert w.core.next_deadline() is None
+    assert w.core.next_tick() is None
 
 
 def test_a_line_too_long_is_refused_and_the_member_stays() -> None:
@@ -342,3 +342,127 @@ def test_the_shortcut_is_taken_for_plain_chat() -> None:
     w.core.room = None  # type: ignore[assignment]  # the shortcut never asks the room
     w.send(1, b"hi\nthere\n")
     assert w.got[2].endswith(b"alice: hi\nalice: there\n")
+
+
+# --- each member's budget: slowed, never dropped ---------------------------------------
+
+
+def budget_wire(**limits: float) -> Wire:
+    w = Wire(Limits(**limits))  # type: ignore[arg-type]
+    w.login(1, "alice")
+    w.login(2, "bob")
+    return w
+
+
+def said_by_alice(w: Wire) -> list[bytes]:
+    return [line for line in w.got[2].split(b"\n") if line.startswith(b"alice: ")]
+
+
+def test_a_burst_goes_at_once_then_one_line_per_period_and_reading_stops_meanwhile() -> None:
+    w = budget_wire(burst_lines=3, rate_lines=1.0, rate_bytes=0)
+    reading: list[tuple[int, bool]] = []
+
+    def step(data: bytes | None, now: float) -> None:
+        if data is None:
+            w.core.tick(now)
+        else:
+            w.core.receive(1, data, now)
+        reading.extend(w.core.outbox._reading)
+        w.take()
+
+    step(b"".join(b"line %d\n" % k for k in range(6)), NOW)
+    assert len(said_by_alice(w)) == 3
+    assert reading == [(1, False)]  # not read until the budget refills
+    assert w.core.next_tick() == pytest.approx(NOW + 1, abs=0.01)
+    step(None, NOW + 0.5)
+    assert len(said_by_alice(w)) == 3
+    step(None, NOW + 1.01)
+    assert len(said_by_alice(w)) == 4
+    step(None, NOW + 3.02)
+    assert said_by_alice(w) == [b"alice: line %d" % k for k in range(6)]
+    assert reading == [(1, False), (1, True)]  # everything served: read again
+
+
+def test_exit_after_a_flood_still_leaves_in_its_turn() -> None:
+    w = budget_wire(burst_lines=2, rate_lines=10.0, rate_bytes=0)
+    w.core.receive(1, b"a\nb\nc\nd\n:Exit\n", NOW)
+    w.take()
+    assert w.closed == []
+    for _ in range(10):
+        w.core.tick(w.core.next_tick() or NOW)
+        w.take()
+    assert said_by_alice(w) == [b"alice: a", b"alice: b", b"alice: c", b"alice: d"]
+    assert w.got[2].endswith(b"alice left the chatroom\n")
+    assert w.closed == [1]
+
+
+def test_bytes_count_too() -> None:
+    w = budget_wire(burst_lines=100, rate_lines=0, burst_bytes=100, rate_bytes=50.0)
+    w.core.receive(1, (b"x" * 49 + b"\n") * 6, NOW)  # 50 bytes a line: two go at once
+    w.take()
+    assert len(said_by_alice(w)) == 2
+    w.core.tick(NOW + 1.01)  # 50.5 bytes back: one line, and one more on a debt of 49.5
+    w.take()
+    assert len(said_by_alice(w)) == 4
+    w.core.tick(NOW + 1.5)
+    w.take()
+    assert len(said_by_alice(w)) == 4
+    w.core.tick(NOW + 2.02)
+    w.take()
+    assert len(said_by_alice(w)) == 5
+
+
+def test_a_rate_of_zero_turns_the_budget_off() -> None:
+    w = budget_wire(burst_lines=1, rate_lines=0, burst_bytes=1, rate_bytes=0)
+    w.send(1, b"x\n" * 500)
+    assert len(said_by_alice(w)) == 500
+
+
+def test_replies_a_pass_owes_one_member_stop_at_its_sendq() -> None:
+    """However many :Users one read asks for, a pass owes the asker little
+    more than its SendQ; the rest waits for the next pass, in order."""
+    w = Wire(Limits(max_sendq=1000, rate_lines=0, rate_bytes=0))
+    for cid in range(1, 31):
+        w.login(cid, f"user{cid}")
+    mark = len(w.got[1])
+    listing = len(b"Active Users: ") + sum(len(f"user{c}, ") for c in range(1, 31))
+    w.core.receive(1, b":Users\n" * 200, NOW)
+    batch = w.core.outbox.take()
+    owed = dict(batch.writes).get(1, b"")
+    assert 1000 < len(owed) <= 1000 + listing
+    assert (1, False) in batch.reading
+    for k in range(200):
+        w.core.tick(NOW + k)
+        w.take()
+    assert w.since(1, mark).count(b"Active Users: ") == 200 - owed.count(b"Active Users: ")
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 40)), min_size=1, max_size=25),
+       st.integers(1, 5), st.sampled_from([0.5, 2.0, 10.0]))
+def test_a_flood_is_slowed_never_dropped_or_reordered(
+        steps: list[tuple[int, int]], burst: int, rate: float) -> None:
+    """Whatever a member sends and whenever the clock ticks: every line is
+    said once, in order; never more than the burst plus the rate allows."""
+    w = budget_wire(burst_lines=burst, rate_lines=rate, rate_bytes=0)
+    sent = 0
+    now = NOW
+    for kind, n in steps:
+        now += n / 10
+        if kind == 0 and n:
+            w.core.receive(1, b"".join(b"m%d\n" % (sent + k) for k in range(n)), now)
+            sent += n
+        else:
+            w.core.tick(now)
+        w.take()
+        said = said_by_alice(w)
+        assert said == [b"alice: m%d" % k for k in range(len(said))]
+        assert len(said) <= burst + rate * (now - NOW) + 1e-6
+    for _ in range(sent + 1):
+        when = w.core.next_tick()
+        if when is None:
+            break
+        now = max(now, when)
+        w.core.tick(now)
+        w.take()
+    assert said_by_alice(w) == [b"alice: m%d" % k for k in range(sent)]

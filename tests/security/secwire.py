@@ -34,6 +34,9 @@ if TYPE_CHECKING:  # for mypy only: typing.Unpack is Python 3.11+
 ROOT = Path(__file__).resolve().parents[2]
 PASSCODE = "abc12"
 TIMEOUT = 5.0
+# A server's flags that turn off each member's budget (the flood limit), for
+# tests of what happens downstream of a flood (SendQ, frozen readers).
+NO_BUDGET = ("-line-rate", "0", "-byte-rate", "0")
 
 # Every control character the protocol forbids on a display line.
 CONTROLS = frozenset([*range(0x20), 0x7F, *range(0x80, 0xA0)])

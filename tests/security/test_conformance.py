@@ -14,6 +14,7 @@ import time
 
 import pytest
 from secwire import (
+    NO_BUDGET,
     Lab,
     LineCollector,
     RssSampler,
@@ -128,7 +129,7 @@ def test_streaming_50_mib_without_newline_keeps_server_memory_bounded(lab: Lab) 
 
 
 def test_client_that_stops_reading_is_dropped_past_max_sendq(lab: Lab) -> None:
-    srv = lab.server("-max-sendq", "65536")
+    srv = lab.server("-max-sendq", "65536", *NO_BUDGET)
     slow = lab.member(srv, "slow", rcvbuf=4096)  # never reads from here on
     reader = lab.member(srv, "reader")
     flooder = lab.member(srv, "flooder", reader)

@@ -21,6 +21,7 @@ import time
 import pytest
 from harness import Proc, child_env
 from secwire import (
+    NO_BUDGET,
     ROOT,
     Lab,
     LineCollector,
@@ -106,7 +107,7 @@ def test_a_process_killed_mid_line_never_delivers_the_half_line(lab: Lab) -> Non
 @pytest.mark.parametrize("sendq", [65536, None], ids=["sendq-64KiB", "sendq-default"])
 def test_a_frozen_client_is_dropped_while_the_room_keeps_flowing(lab: Lab, sendq: int | None,
                                                                  ) -> None:
-    srv = lab.server(*(["-max-sendq", str(sendq)] if sendq else []))
+    srv = lab.server(*(["-max-sendq", str(sendq)] if sendq else []), *NO_BUDGET)
     frozen = joined(srv, lab.client(srv, "frozen"), "frozen")
     watcher = joined(srv, lab.client(srv, "watcher"), "watcher", frozen)
     reader = lab.member(srv, "reader", frozen, watcher)
@@ -160,7 +161,7 @@ def test_many_frozen_members_cost_at_most_their_sendq_each(lab: Lab) -> None:
     """20 members that never read, one flood: each is dropped at -max-sendq, so the
     server's peak RSS grows by about 20 x 256 KiB at most, never by the flood."""
     n, sendq = 20, 256 * 1024
-    srv = lab.server("-max-sendq", str(sendq))
+    srv = lab.server("-max-sendq", str(sendq), *NO_BUDGET)
     frozen = [lab.member(srv, f"f{i}", rcvbuf=4096) for i in range(n)]
     reader = lab.member(srv, "reader")
     flooder = lab.member(srv, "flooder", reader)

@@ -180,7 +180,7 @@ async def socket_member(hub: server.Hub, sndbuf: int | None = None,
 def test_a_member_that_stops_reading_is_dropped_at_the_sendq_and_the_room_is_told(
         factory: Any) -> None:
     async def main() -> None:
-        hub = hub_with(server.Limits(max_sendq=64 * 1024))
+        hub = hub_with(server.Limits(max_sendq=64 * 1024, rate_lines=0, rate_bytes=0))
         [(a, alice)] = await members(hub, "alice")
         conn, peer = await socket_member(hub, sndbuf=4096)
         await a_pass()
@@ -213,7 +213,7 @@ def test_a_reset_peer_is_closed_without_an_error_escaping(factory: Any) -> None:
         loop = asyncio.get_running_loop()
         errors: list[dict[str, Any]] = []
         loop.set_exception_handler(lambda _, context: errors.append(context))
-        hub = hub_with()
+        hub = hub_with(server.Limits(rate_lines=0, rate_bytes=0))
         [(a, _)] = await members(hub, "alice")
         ours, theirs = tcp_pair()
         _, conn = await loop.connect_accepted_socket(lambda: server.Connection(hub), ours)
