@@ -135,8 +135,9 @@ def parse_origins(values: list[str]) -> tuple[str, ...]:
 
 def _csp_hash(html: str, tag: str) -> str:
     """The CSP source expression that allows exactly the one inline `tag`
-    element of the page (script or style), by the sha256 of its text."""
-    found = re.findall(rf"<{tag}>(.*?)</{tag}>", html, re.DOTALL)
+    element of the page (script or style, its tags each at the start of a
+    line), by the sha256 of its text."""
+    found = re.findall(rf"^<{tag}>(.*?)^</{tag}>", html, re.DOTALL | re.MULTILINE)
     if len(found) != 1:
         raise ValueError(f"{PAGE_RESOURCE} must hold exactly one <{tag}> element")
     digest = hashlib.sha256(found[0].encode()).digest()
