@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from browser import launch
 from harness import PROGRAM_DIR, Room
 from webwire import WebServer
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Any]:
+    """One headless chromium (Debian's) for every browser test; skips without
+    it or playwright, fails under CI."""
+    yield from launch()
 
 
 @pytest.fixture
