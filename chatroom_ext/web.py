@@ -53,7 +53,8 @@ from websockets.typing import Subprotocol
 
 SUBPROTOCOL: Final = Subprotocol("chatroom.v1")
 PAGE_RESOURCE: Final = "page.html"
-CLOSE_WAIT: Final = 3.0  # seconds a closing WebSocket waits for the browser's answer
+CLOSE_WAIT: Final = 3.0  # seconds a closing connection waits for the other end's answer
+MAX_REQUEST: Final = 32 << 10  # bytes of an HTTP request (a browser's are a few KiB)
 
 # Close codes (RFC 6455, section 7.4.1) and the reasons the browser is given.
 NORMAL: Final = 1000
@@ -311,7 +312,9 @@ class WebConnection(asyncio.Protocol):
         self.addr = ""
         self.cid = 0  # set once it is a member
         self.pending = False  # counted in door.pending
-        self.timer: asyncio.TimerHandle | None = None
+        self.request_bytes = 0  # received before the request was answered
+        self.timer: asyncio.TimerHandle | None = None  # the deadline of the current phase
+        self.ending = False  # the timer is the last wait, for the other end's close
         self.message: list[bytes] = []  # the fragments of a message being received
 
     # -- asyncio -----------------------------------------------------------------
@@ -328,6 +331,11 @@ class WebConnection(asyncio.Protocol):
             self.door.config.handshake_timeout, self.abort)
 
     def data_received(self, data: bytes) -> None:
+        if self.pending and self.ws.state is State.CONNECTING:
+            self.request_bytes += len(data)
+            if self.request_bytes > MAX_REQUEST:
+                self.abort()
+                return
         self.ws.receive_data(data)
         lines: list[bytes] = []
         for event in self.ws.events_received():
@@ -396,15 +404,16 @@ class WebConnection(asyncio.Protocol):
         host = hosts[0] if len(hosts) == 1 else None
         allowed = self.door.origin_allowed(origin, host)
         self.ws.send_response(response)
-        self._release()
         if not allowed:
             # Refused in the open WebSocket, so that a browser can show why;
             # the room never sees this connection.
             reason = ("no Origin header" if origin is None
                       else f"origin {origin} is not allowed here")
-            self.ws.send_close(POLICY, reason[:120])  # a close reason has at most 123 bytes
-            self._closing()
+            # A close reason has at most 123 bytes.
+            self.ws.send_close(POLICY, reason.encode()[:120].decode("utf-8", "ignore"))
+            self._closing()  # still counted as pending until it is gone
             return
+        self._release()
         assert self.transport is not None
         self.transport.set_write_buffer_limits(high=self.door.config.max_sendq)
         self._send()  # the 101 goes out before anything the hub writes
@@ -467,10 +476,14 @@ class WebConnection(asyncio.Protocol):
                 transport.write(chunk)
 
     def _closing(self) -> None:
-        """The WebSocket is closing: give the browser a moment to answer,
+        """The connection is closing: give the other end a moment to answer,
         then cut it off."""
-        if self.timer is None and self.transport is not None:
-            self.timer = asyncio.get_running_loop().call_later(CLOSE_WAIT, self.abort)
+        if self.ending or self.transport is None:
+            return
+        self.ending = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(CLOSE_WAIT, self.abort)
 
     # -- the member interface (server.Peer) --------------------------------------
 
