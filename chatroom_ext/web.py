@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import ipaddress
 import re
 import socket
 import ssl
@@ -107,6 +108,22 @@ class WebConfig:
 
 
 _ORIGIN = re.compile(r"(https?)://([^/?#@\s]+)")
+
+
+def literal_host(host: str) -> bool:
+    """Is this Host header an IP address or `localhost` (with or without a port)?"""
+    name = host.strip().lower()
+    if name.startswith("["):  # [v6]:port
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def normalise_origin(text: str) -> str | None:
@@ -272,14 +289,21 @@ class WebDoor:
         return self._framed_out
 
     def origin_allowed(self, origin: str | None, host: str | None) -> bool:
-        """The page's own origin (this scheme and the Host the browser asked
-        for) and the ones given with -web-origin; never a missing Origin."""
+        """The ones given with -web-origin, and the page's own origin (this
+        scheme and the Host the browser asked for) when that Host is an IP
+        address or `localhost`; never a missing Origin.
+
+        A name in Host is trusted only through -web-origin: else a hostile
+        name that resolves to this server (DNS rebinding) would make a page
+        of the attacker's "the page's own", in a visitor's browser, from the
+        visitor's address (possibly loopback, exempt from the throttle)."""
         if origin is None:
             return False
         origin = origin.lower()
-        if host is not None and origin == f"{self.scheme}://{host.lower()}":
+        if origin in self.config.origins:
             return True
-        return origin in self.config.origins
+        return (host is not None and literal_host(host)
+                and origin == f"{self.scheme}://{host.lower()}")
 
     def admit(self, addr: str) -> bool:
         """May one more connection from `addr` enter the HTTP phase?"""

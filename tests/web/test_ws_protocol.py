@@ -213,6 +213,28 @@ def test_a_websocket_from_a_foreign_origin_is_refused(web: WebServer) -> None:
     assert_quiet_then(web, "alice")
 
 
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "[::1]"])
+def test_the_page_s_own_origin_is_allowed_for_an_address_or_localhost(
+        web: WebServer, host: str) -> None:
+    hostport = f"{host}:{web.web_port}"
+    raw = RawWs(web, "own", origin=f"http://{hostport}", host=hostport)
+    assert raw.next_text() == ":hello chatroom 1"
+
+
+def test_a_name_in_host_is_not_trusted_by_itself(web: WebServer) -> None:
+    """DNS rebinding: evil.example resolves to the server; its page's origin
+    matches the Host its browser sends, and is still refused."""
+    hostport = f"evil.example:{web.web_port}"
+    raw = RawWs(web, "rebound", origin=f"http://{hostport}", host=hostport)
+    assert raw.close_frame() == (1008, f"origin http://{hostport} is not allowed here")
+
+
+def test_a_name_given_with_web_origin_is_trusted(room: Room) -> None:
+    web = WebServer.start(room, "-web-origin", "http://chat.test")
+    raw = RawWs(web, "named", origin="http://chat.test", host="chat.test")
+    assert raw.next_text() == ":hello chatroom 1"
+
+
 def test_web_origin_adds_allowed_origins(room: Room) -> None:
     web = WebServer.start(room, "-web-origin", "https://chat.example.org/",
                           "-web-origin", "http://a.test:8080,http://b.test")

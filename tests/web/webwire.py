@@ -183,7 +183,7 @@ class RawWs:
     here. It reads only when asked, so it can stop reading altogether."""
 
     def __init__(self, web: WebServer, label: str, origin: str | None = "",
-                 recv_buffer: int | None = None) -> None:
+                 recv_buffer: int | None = None, host: str = "") -> None:
         self.label = label
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if recv_buffer is not None:  # before connecting, so the window stays small
@@ -193,7 +193,8 @@ class RawWs:
         self.sock = sock
         key = base64.b64encode(os.urandom(16)).decode()
         origin = web.origin if origin == "" else origin
-        request = (f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{web.web_port}\r\n"
+        host = host or f"127.0.0.1:{web.web_port}"
+        request = (f"GET /ws HTTP/1.1\r\nHost: {host}\r\n"
                    f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
                    f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {SUBPROTOCOL}\r\n"
                    + (f"Origin: {origin}\r\n" if origin is not None else "") + "\r\n")
@@ -219,6 +220,13 @@ class RawWs:
             head = struct.pack("!BBQ", first, 0x80 | 127, n)
         body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
         self.sock.sendall(head + mask + body)
+
+    def close_frame(self, timeout: float = DEFAULT_TIMEOUT) -> tuple[int, str] | None:
+        """The server's next frame is a close: its (code, reason); None if not."""
+        frame = self.next_frame(timeout)
+        if frame is None or frame[0] != 0x8:
+            return None
+        return int.from_bytes(frame[1][:2], "big"), frame[1][2:].decode()
 
     def text(self, line: str) -> None:
         self.frame(0x1, line.encode())
