@@ -404,6 +404,9 @@ class WebConnection(asyncio.Protocol):
         path = request.path.partition("?")[0]
         if path == "/ws":
             self._upgrade(request)
+            # The protocol's parser keeps the request for the connection's
+            # life: let its headers go (a few KiB per member).
+            request.headers = Headers()
             return
         if request.method != "GET":
             response = _text(405, "Method Not Allowed", "Only GET is served here")
