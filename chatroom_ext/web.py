@@ -113,8 +113,10 @@ _ORIGIN = re.compile(r"(https?)://([^/?#@\s]+)")
 def literal_host(host: str) -> bool:
     """Is this Host header an IP address or `localhost` (with or without a port)?"""
     name = host.strip().lower()
-    if name.startswith("["):  # [v6]:port
-        name = name[1:].partition("]")[0]
+    if name.startswith("["):  # [v6] or [v6]:port
+        name, bracket, port = name[1:].partition("]")
+        if not bracket or port[:1] not in ("", ":"):
+            return False
     elif name.count(":") == 1:
         name = name.partition(":")[0]
     if name == "localhost":
