@@ -11,9 +11,12 @@ import base64
 import hashlib
 import http.client
 import re
+import shutil
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -401,6 +404,19 @@ def test_without_websockets_the_flag_is_one_line() -> None:
     assert out.stderr.count("\n") == 1, out.stderr
     assert out.stderr.startswith("server.py: error: -web needs ")
     assert "pip install '.[web]'" in out.stderr
+
+
+def test_server_py_alone_says_what_web_needs(tmp_path: Path) -> None:
+    """server.py copied alone (no chatroom_ext beside it) runs, and -web is one line."""
+    shutil.copy(repo_file("server.py"), tmp_path / "server.py")
+    bare = getattr(sys, "_base_executable", sys.executable)  # no venv: nothing installed
+    out = subprocess.run([bare, "-I", "server.py", "-start", "-port", "0",
+                          "-passcode", "abc12", "-web", "0"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr == ("server.py: error: -web needs the chatroom_ext package beside "
+                          "server.py and websockets: pip install '.[web]' "
+                          "(could not import chatroom_ext)\n")
 
 
 def test_a_busy_web_port_is_one_line(room: Room) -> None:
