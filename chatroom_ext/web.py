@@ -331,6 +331,9 @@ class WebConnection(asyncio.Protocol):
     """One connection to the web port: an HTTP request, and after an upgrade
     at /ws a member of the room (the server.Peer interface below)."""
 
+    __slots__ = ("addr", "cid", "door", "ending", "message", "pending", "request_bytes", "timer",
+                 "transport", "ws")
+
     def __init__(self, door: WebDoor) -> None:
         self.door = door
         self.ws = _ServerProtocol(door.config.max_line)
