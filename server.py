@@ -54,8 +54,9 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
-if TYPE_CHECKING:  # the optional cluster, for its type only (imported when -redis is given)
+if TYPE_CHECKING:  # optional capabilities, for their types only (imported when their flag is given)
     from chatroom_ext.cluster import RedisLog
+    from chatroom_ext.web import WebDoor
 
 # ============================================================================
 # 1. The pure core
@@ -1931,6 +1932,14 @@ def build_parser() -> OneLineParser:
     p.add_argument("-redis-backlog", type=positive(int), default=10_000, metavar="LINES",
                    help="with -redis: at most this many of this server's lines wait to be "
                         "written to Redis (while it is away); more are refused (default 10000)")
+    p.add_argument("-web", type=port, metavar="PORT",
+                   help="also serve the chat page and a WebSocket door for browsers on this "
+                        "port (0: any free port; needs chatroom_ext and websockets)")
+    p.add_argument("-web-host", metavar="ADDR",
+                   help="address the web port listens on (default: -host's)")
+    p.add_argument("-web-origin", action="append", default=[], metavar="ORIGIN",
+                   help="with -web: also accept WebSockets from pages of this origin, e.g. "
+                        "https://chat.example.org (repeatable, or comma-separated)")
     p.add_argument("-uvloop", action="store_true",
                    help="run on uvloop (needs chatroom_ext and the uvloop package)")
     return p
@@ -2018,7 +2027,7 @@ def loop_error_handler(fd_limit: int) -> Any:
 
 
 async def serve(args: argparse.Namespace, limits: Limits, tls: ssl.SSLContext | None,
-                cluster: type[RedisLog] | None = None) -> int:
+                cluster: type[RedisLog] | None = None, web: type[WebDoor] | None = None) -> int:
     loop = asyncio.get_running_loop()
     fd_limit = raise_open_file_limit()
     loop.set_exception_handler(loop_error_handler(fd_limit))
@@ -2035,6 +2044,22 @@ async def serve(args: argparse.Namespace, limits: Limits, tls: ssl.SSLContext | 
         reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or exc
         sys.stderr.write(f"server.py: cannot listen on {args.host} port {args.port}: {reason}\n")
         return 1
+    door = None
+    if web is not None:  # the same room for browsers (chatroom_ext/web.py)
+        web_host = args.host if args.web_host is None else args.web_host
+        door = web.create(hub, host=web_host, port=args.web, origins=args.web_origin, tls=tls,
+                          limits=limits, address_key=address_key, exempt=hub.core.exempt)
+        try:
+            web_port = await door.start()
+        except OSError as exc:
+            reason = ("address already in use" if exc.errno == errno.EADDRINUSE
+                      else exc.strerror or exc)
+            sys.stderr.write(f"server.py: cannot listen on {web_host} port {args.web} "
+                             f"(-web): {reason}\n")
+            server.close()
+            return 1
+        sys.stderr.write(f"server.py: web page at {door.url(web_port)}\n")  # stdout: the contract
+        sys.stderr.flush()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # before the start line: from then on
         loop.add_signal_handler(sig, stop.set)  # a signal means a clean shutdown
@@ -2044,6 +2069,8 @@ async def serve(args: argparse.Namespace, limits: Limits, tls: ssl.SSLContext | 
     await stop.wait()
     sweeper.cancel()
     server.close()
+    if door is not None:
+        door.close()
     await hub.shutdown()
     if log is not None:
         await log.close()
@@ -2062,6 +2089,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.redis:
             cluster = optional("chatroom_ext.cluster", "-redis needs the chatroom_ext package "
                                "beside server.py and redis-py: pip install 'redis>=5'").RedisLog
+        web: type[WebDoor] | None = None
+        if args.web is not None:
+            module = optional("chatroom_ext.web", "-web needs the chatroom_ext package beside "
+                              "server.py and websockets: pip install '.[web]'")
+            try:
+                module.parse_origins(args.web_origin)
+            except ValueError as exc:
+                raise UsageError(f"-web-origin: {exc}") from None
+            web = module.WebDoor
+        elif args.web_origin or args.web_host is not None:
+            raise UsageError("-web-host and -web-origin go with -web PORT")
         run: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
         if args.uvloop:
             run = optional("chatroom_ext.fastloop", "-uvloop needs the chatroom_ext package "
@@ -2070,7 +2108,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"server.py: error: {exc}\n")
         return 2
     try:
-        return run(serve(args, limits, tls, cluster))
+        return run(serve(args, limits, tls, cluster, web))
     except KeyboardInterrupt:  # Ctrl-C before the loop could catch it
         return 0
 

@@ -28,6 +28,14 @@ is checked at EVERY receiver by count; order at the sampled ones.
 Also here: `run_joincheck`, which connects many clients to one room and
 checks every join notice reached everyone who joined before it, to the byte.
 
+With `receivers_on="ws"` (`--receivers-on ws --web-port P`), the receivers
+join through the server's WebSocket door (`server.py -web P`) instead of TCP;
+the senders stay on TCP. A receiver then gets one text frame per line and
+still counts the `^` of each (a frame's header is two bytes, the second the
+length, which for every line here is below 94, the code of `^`). There is no
+probe then (`sampled` is 0): loss is checked at every receiver by count, but
+not order, and there are no latencies.
+
 Run alone for one workload, e.g.:
     python3 bench/loadgen.py --kind ours --port 5000 --passcode bench -n 100 -s 4 --mode closed
 """
@@ -124,8 +132,9 @@ class Client(asyncio.Protocol):
     to `self.hot(data, now_ns)`, which a role sets."""
 
     def __init__(self, kind: str, name: str, passcode: str, oper: bool,
-                 joined: Callable[[Client, str | None], None]) -> None:
+                 joined: Callable[[Client, str | None], None], web_port: int = 0) -> None:
         self.kind, self.name, self.passcode, self.oper = kind, name, passcode, oper
+        self.web_port = web_port  # kind "ws": a WebSocket to server.py's -web port
         self._joined = joined
         self.transport: asyncio.Transport | None = None
         self.buf = b""
@@ -143,12 +152,18 @@ class Client(asyncio.Protocol):
             self.on_connect(self)
         if self.kind == "ours":
             transport.write(f"LOGIN {self.passcode} {self.name}\n".encode())
+        elif self.kind == "ws":
+            self.upgraded = False
+            transport.write(ws_request(self.web_port))
         else:
             transport.write(f"NICK {self.name}\r\nUSER {self.name} 0 * :bench\r\n".encode())
 
     def data_received(self, data: bytes) -> None:
         if self.is_in:
             self.hot(data, wall_ns())
+            return
+        if self.kind == "ws":
+            self._ws_setup(data)
             return
         buf = self.buf + data
         pos = 0
@@ -170,6 +185,42 @@ class Client(asyncio.Protocol):
                 return
         self.buf = buf[pos:]
 
+    def _ws_setup(self, data: bytes) -> None:
+        """Kind "ws", before it is in: the handshake's answer, then frames."""
+        buf = self.buf + data
+        assert self.transport is not None
+        if not self.upgraded:
+            head, sep, rest = buf.partition(b"\r\n\r\n")
+            if not sep:
+                self.buf = buf
+                return
+            if not head.startswith(b"HTTP/1.1 101 "):
+                self._fail(f"{self.name}: WebSocket refused: {head[:80]!r}")
+                return
+            self.upgraded = True
+            self.transport.write(ws_text(f"LOGIN {self.passcode} {self.name}".encode()))
+            buf = rest
+        while True:
+            frame = ws_frame(buf)
+            if frame is None:
+                break
+            opcode, payload, size = frame
+            buf = buf[size:]  # setup: a few frames, slicing is fine
+            if opcode == 0x8:
+                self._fail(f"{self.name}: WebSocket closed: {payload[2:]!r}")
+                return
+            verdict = self._setup_line(payload) if opcode == 0x1 else None
+            if verdict is True:
+                self.is_in, self.buf, self.t_in = True, b"", now_ns()
+                self._joined(self, None)
+                if buf:
+                    self.hot(buf, wall_ns())
+                return
+            if verdict:
+                self._fail(verdict)
+                return
+        self.buf = buf
+
     def _fail(self, why: str) -> None:
         if self.failed is None:
             self.failed = why
@@ -180,7 +231,7 @@ class Client(asyncio.Protocol):
     def _setup_line(self, line: bytes) -> bool | str | None:
         """True: now in the room; a string: why it failed; None: go on."""
         text = line.decode("utf-8", "replace")
-        if self.kind == "ours":
+        if self.kind in ("ours", "ws"):
             if text.startswith(":ok "):
                 return True
             if text.startswith(":error"):
@@ -213,6 +264,41 @@ class Client(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.is_in:
             self._fail(f"{self.name}: connection lost before joining ({exc!r})")
+
+
+def ws_request(port: int) -> bytes:
+    """The opening handshake, as the page at http://127.0.0.1:<port>/ sends it."""
+    key = "YmVuY2gtd2Vic29ja2V0IQ=="  # any 16 bytes, base64: the server only echoes a hash
+    return (f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: chatroom.v1\r\n"
+            f"Origin: http://127.0.0.1:{port}\r\n\r\n").encode()
+
+
+def ws_text(payload: bytes) -> bytes:
+    """A client's text frame (short), masked with a zero key: the payload as is."""
+    assert len(payload) < 126
+    return bytes([0x81, 0x80 | len(payload), 0, 0, 0, 0]) + payload
+
+
+def ws_frame(buf: bytes, pos: int = 0) -> tuple[int, bytes, int] | None:
+    """(opcode, payload, where the next frame starts) of the server's frame
+    at `pos` in `buf`, or None if it is not all there yet."""
+    end = len(buf)
+    if end - pos < 2:
+        return None
+    n, at = buf[pos + 1] & 0x7F, pos + 2
+    if n == 126:
+        if end - pos < 4:
+            return None
+        n, at = int.from_bytes(buf[pos + 2:pos + 4], "big"), pos + 4
+    elif n == 127:
+        if end - pos < 10:
+            return None
+        n, at = int.from_bytes(buf[pos + 2:pos + 10], "big"), pos + 10
+    if at + n > end:
+        return None
+    return buf[pos] & 0x0F, buf[at:at + n], at + n
 
 
 def message_bytes(kind: str, sid: int, first_seq: int, count: int, ts: int) -> bytes:
@@ -295,6 +381,14 @@ class Workload:
     # Latency from the kernel's receive stamp (see StampedReader) rather than
     # from when this process read the bytes.
     kernel_stamps: bool = True
+    receivers_on: str = "tcp"  # "tcp", or "ws": through server.py's -web port (ours only)
+    web_port: int = 0
+
+    def __post_init__(self) -> None:
+        if self.receivers_on == "ws":
+            if self.kind != "ours" or not self.web_port:
+                raise BenchError("WebSocket receivers need --kind ours and --web-port")
+            self.sampled = 0  # no probe: it would need to take over a frame stream mid-way
 
 
 @dataclass
@@ -302,6 +396,7 @@ class Result:
     kind: str
     mode: str
     receivers: int
+    receivers_on: str
     senders: int
     window: int | None
     rate_target: float | None
@@ -415,8 +510,9 @@ class BulkWorker(WorkerBase):
 
     def make(self, i: int) -> Client:
         w = self.w
-        c = Client(w.kind, f"{w.name_prefix}r{self.first + i}", w.passcode, False,
-                   lambda client, err: None)
+        c = Client("ws" if w.receivers_on == "ws" else w.kind,
+                   f"{w.name_prefix}r{self.first + i}", w.passcode, False,
+                   lambda client, err: None, w.web_port)
         if i in self.sampled:
             c.on_connect = StampedReader.enable
 
@@ -459,7 +555,8 @@ class BulkWorker(WorkerBase):
         self.clients = [self.make(i) for i in range(self.count)]
         t0 = now_ns()
         try:
-            await connect_all(self.loop, self.w.port, self.clients, self.w.concurrency,
+            port = self.w.web_port if self.w.receivers_on == "ws" else self.w.port
+            await connect_all(self.loop, port, self.clients, self.w.concurrency,
                               self.w.connect_timeout)
         except BenchError as exc:
             self.conn.send(("err", str(exc)))
@@ -740,7 +837,7 @@ class Conductor:
         w = self.w
         for k, conn in enumerate(self.pipes):
             self.loop.add_reader(conn.fileno(), self.on_pipe, k)
-        res = Result(w.kind, w.mode, w.receivers, w.senders,
+        res = Result(w.kind, w.mode, w.receivers, w.receivers_on, w.senders,
                      w.window if w.mode == "closed" else None,
                      w.rate if w.mode == "paced" else None)
         if not w.kernel_stamps:
@@ -1053,6 +1150,38 @@ def run_joincheck(kind: str, port: int, n: int, passcode: str = "bench",
                                   timeout, prefix))
 
 
+@dataclass
+class IdleResult:
+    kind: str
+    receivers_on: str
+    clients: int
+    server_rss_before_kib: int
+    server_rss_after_kib: int
+    bytes_per_client: float
+
+
+async def _idle(w: Workload) -> IdleResult:
+    """Memory per idle member: RSS before and after `w.receivers` members
+    join (over TCP or WebSocket) and sit still for a second."""
+    loop = asyncio.get_running_loop()
+    assert w.server_pid is not None
+    before = proc_rss_kib(w.server_pid)
+    kind = "ws" if w.receivers_on == "ws" else w.kind
+    clients = [Client(kind, f"{w.name_prefix}i{i}", w.passcode, False, lambda c, e: None,
+                      w.web_port) for i in range(w.receivers)]
+    port = w.web_port if w.receivers_on == "ws" else w.port
+    try:
+        await connect_all(loop, port, clients, w.concurrency, w.connect_timeout)
+        await asyncio.sleep(1.0)
+        after = proc_rss_kib(w.server_pid)
+    finally:
+        for c in clients:
+            if c.transport is not None:
+                c.transport.abort()
+    return IdleResult(w.kind, w.receivers_on, w.receivers, before, after,
+                      (after - before) * 1024 / w.receivers)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="One workload against a running server.")
     ap.add_argument("--kind", choices=["ours", "irc"], default="ours")
@@ -1061,20 +1190,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-pid", type=int)
     ap.add_argument("-n", "--receivers", type=int, default=100)
     ap.add_argument("-s", "--senders", type=int, default=1)
-    ap.add_argument("--mode", choices=["closed", "paced", "joins"], default="closed")
+    ap.add_argument("--mode", choices=["closed", "paced", "joins", "idle"], default="closed")
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--rate", type=float, default=50_000)
     ap.add_argument("--duration", type=float, default=4.0)
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--procs", type=int, default=1)
     ap.add_argument("--sampled", type=int, default=8)
+    ap.add_argument("--receivers-on", choices=["tcp", "ws"], default="tcp",
+                    help="ws: the receivers join through server.py's WebSocket door")
+    ap.add_argument("--web-port", type=int, default=0, help="server.py's -web port")
     a = ap.parse_args(argv)
     if a.mode == "joins":
         out: Any = run_joincheck(a.kind, a.port, a.receivers, a.passcode, a.server_pid)
+    elif a.mode == "idle":  # memory per idle member (needs --server-pid)
+        raise_nofile()
+        out = asyncio.run(_idle(Workload(a.kind, a.port, a.receivers, passcode=a.passcode,
+                                         server_pid=a.server_pid, concurrency=64,
+                                         receivers_on=a.receivers_on, web_port=a.web_port)))
     else:
         out = run_workload(Workload(a.kind, a.port, a.receivers, a.senders, a.mode, a.window,
                                     a.rate, a.duration, a.warmup, a.sampled, a.procs,
-                                    a.passcode, a.server_pid))
+                                    a.passcode, a.server_pid, receivers_on=a.receivers_on,
+                                    web_port=a.web_port))
     print(json.dumps(asdict(out), indent=1))
     return 0
 
