@@ -1541,7 +1541,7 @@ class Connection(asyncio.BufferedProtocol):
     connection refused before its handshake is closed without a word: there
     is no channel yet to say it on."""
 
-    __slots__ = ("addr", "cid", "held", "hub", "tls", "transport")
+    __slots__ = ("addr", "cid", "handshake", "held", "hub", "tls", "transport")
 
     def __init__(self, hub: Hub, tls: ssl.SSLContext | None = None) -> None:
         self.hub = hub
@@ -1550,6 +1550,7 @@ class Connection(asyncio.BufferedProtocol):
         self.addr = ""
         self.cid: ConnId = 0
         self.held: list[bytes] | None = None  # written during the TLS handshake
+        self.handshake: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's do not subclass asyncio.Transport).
@@ -1564,7 +1565,8 @@ class Connection(asyncio.BufferedProtocol):
             self.held = []
         self.cid = self.hub.connected(self, securing=self.tls is not None)
         if self.tls is not None and self.hub.core.admitted(self.cid):
-            asyncio.get_running_loop().create_task(self._secure(transport, self.tls))
+            self.handshake = asyncio.get_running_loop().create_task(
+                self._secure(transport, self.tls))
 
     async def _secure(self, raw: asyncio.Transport, tls: ssl.SSLContext) -> None:
         loop = asyncio.get_running_loop()

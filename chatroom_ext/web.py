@@ -269,10 +269,11 @@ class WebDoor:
         """Listen; return the port (the first socket's). Raises OSError."""
         loop = asyncio.get_running_loop()
         config = self.config
+        # Plain TCP even for HTTPS: each connection is counted as it is
+        # accepted, and only then starts its TLS handshake (WebConnection).
         self.server = await loop.create_server(
             lambda: WebConnection(self), config.host, config.port, family=socket.AF_UNSPEC,
-            backlog=1024, ssl=config.tls,
-            ssl_handshake_timeout=config.handshake_timeout if config.tls else None)
+            backlog=1024)
         return int(self.server.sockets[0].getsockname()[1])
 
     def url(self, port: int) -> str:
@@ -331,8 +332,8 @@ class WebConnection(asyncio.Protocol):
     """One connection to the web port: an HTTP request, and after an upgrade
     at /ws a member of the room (the server.Peer interface below)."""
 
-    __slots__ = ("addr", "cid", "door", "ending", "message", "pending", "request_bytes", "timer",
-                 "transport", "ws")
+    __slots__ = ("addr", "cid", "door", "ending", "handshake", "held", "message", "pending",
+                 "request_bytes", "timer", "transport", "ws")
 
     def __init__(self, door: WebDoor) -> None:
         self.door = door
@@ -345,6 +346,10 @@ class WebConnection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None  # the deadline of the current phase
         self.ending = False  # the timer is the last wait, for the other end's close
         self.message: list[bytes] = []  # the fragments of a message being received
+        self.handshake: asyncio.Task[None] | None = None  # TLS, on an HTTPS port
+        # Set during the TLS handshake: what is written waits for its end (a
+        # request can arrive, decrypted, before the handshake's task resumes).
+        self.held: list[bytes] | None = None
 
     # -- asyncio -----------------------------------------------------------------
 
@@ -356,8 +361,31 @@ class WebConnection(asyncio.Protocol):
             transport.abort()
             return
         self.pending = True
-        self.timer = asyncio.get_running_loop().call_later(
-            self.door.config.handshake_timeout, self.abort)
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(self.door.config.handshake_timeout, self.abort)
+        tls = self.door.config.tls
+        if tls is not None:  # counted above; the handshake is inside the same deadline
+            self.held = []
+            self.handshake = loop.create_task(self._secure(transport, tls))
+
+    async def _secure(self, raw: asyncio.Transport, tls: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            secured = await loop.start_tls(
+                raw, self, tls, server_side=True,
+                ssl_handshake_timeout=self.door.config.handshake_timeout)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, RuntimeError):
+            secured = None
+        if secured is None or self.transport is None:  # failed, or gone meanwhile
+            raw.abort()
+            self.connection_lost(None)  # the raw transport's end does not reach us
+            return
+        self.transport = secured
+        held, self.held = self.held or [], None
+        self._send()  # the upgrade's answer first, then what the room wrote meanwhile
+        for data in held:
+            if not secured.is_closing():
+                secured.write(data)
 
     def data_received(self, data: bytes) -> None:
         if self.pending and self.ws.state is State.CONNECTING:
@@ -382,6 +410,7 @@ class WebConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
         self._release()
         if self.timer is not None:
             self.timer.cancel()
@@ -495,8 +524,8 @@ class WebConnection(asyncio.Protocol):
     def _send(self) -> None:
         """Write what the WebSocket layer has for the network."""
         transport = self.transport
-        if transport is None:
-            return
+        if transport is None or self.held is not None:
+            return  # nothing yet, or after the TLS handshake
         for chunk in self.ws.data_to_send():
             if chunk == SEND_EOF:
                 if transport.can_write_eof():
@@ -521,7 +550,10 @@ class WebConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         transport = self.transport
-        if transport is not None and self.ws.state is State.OPEN and not transport.is_closing():
+        if self.held is not None:
+            if self.ws.state is State.OPEN:
+                self.held.append(self.door.frames(data))
+        elif transport is not None and self.ws.state is State.OPEN and not transport.is_closing():
             transport.write(self.door.frames(data))
 
     def close(self) -> None:

@@ -332,7 +332,7 @@ def test_the_passcode_throttle_counts_websockets(room: Room) -> None:
 
 
 def test_a_websocket_member_that_stops_reading_is_dropped_at_its_sendq(room: Room) -> None:
-    web = WebServer.start(room, "-max-sendq", "16384")
+    web = WebServer.start(room, "-max-sendq", "16384", "-line-rate", "0", "-byte-rate", "0")
     slow = RawWs(web, "slow", recv_buffer=4096)
     assert slow.next_text() == ":hello chatroom 1"
     slow.text(f"LOGIN {PASSCODE} slow")
