@@ -479,3 +479,18 @@ def test_a_running_server_without_the_flag_imports_no_redis(cluster: Cluster) ->
     names = [line.rsplit("|", 1)[-1].strip() for line in proc.err.seen if "|" in line]
     assert "asyncio" in names  # the listing is there
     assert not [n for n in names if n.split(".")[0] in ("redis", "chatroom_ext")]
+
+
+def test_a_flood_is_slowed_where_the_flooder_is_connected(trio: Cluster) -> None:
+    """The member budget is kept by the flooder's own server, before its lines
+    reach the shared log: with the defaults (50 lines at once, then 10 a
+    second), 80 lines sent at once reach every server and member in order,
+    the last of them about three seconds after the first."""
+    alice, bob, carol = trio.members
+    start = time.monotonic()
+    carol.send_raw(b"".join(b"flood %d\n" % k for k in range(80)))
+    for k in range(80):
+        for who in (*trio.live(), alice, bob):
+            who.expect(f"carol: flood {k}", timeout=10)
+    took = time.monotonic() - start
+    assert 2.0 < took < 8.0, took  # 30 lines past the burst at 10 a second
