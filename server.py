@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import heapq
 import hmac
 import ipaddress
 import itertools
@@ -1023,7 +1024,7 @@ class Core:
         lost(cid)                 it is gone
         tick(now)                 the time next_tick() named has come
 
-    and, in a cluster, apply(inp, now) for every input the shared log hands
+    and, in a cluster, apply(inp) for every input the shared log hands
     back. Everything they cause lands in `outbox` (what to write to whom,
     who to close, whom to stop or go on reading, what the server prints);
     the transport takes it once per pass.
@@ -1047,7 +1048,10 @@ class Core:
         self.outbox = Outbox()
         self.throttle = LoginThrottle(limits.login_failures, limits.failure_window)
         self.node = "local" if log is None else log.node
+        self._alone = log is None  # inputs apply here and now, with no log between
         self._submit: Callable[[Input], None] = self.apply if log is None else log.submit
+        # Each member's budget is kept only when a rate is set (the bench sets none).
+        self._budgeted = bool(limits.rate_lines or limits.rate_bytes)
         self._conns: dict[ConnId, _Conn] = {}
         self.members: dict[str, ConnId] = {}  # this server's members, by name
         self._waiting: dict[str, _Conn] = {}  # logins waiting for the room, by ticket
@@ -1056,6 +1060,7 @@ class Core:
         self._shaking: dict[str, int] = {}  # ... by address
         self._deadlines: deque[tuple[float, ConnId]] = deque()  # in connect order
         self._asleep: dict[ConnId, float] = {}  # paused members: when to serve them again
+        self._wakes: list[tuple[float, ConnId]] = []  # the same, as a heap (stale entries skipped)
         self._serving: _Conn | None = None
         self._now = 0.0  # the latest time the transport told
         self.arrivals = RateLimiter(limits.connect_burst, limits.connect_rate)
@@ -1103,8 +1108,7 @@ class Core:
         if conn is None or conn.closing:
             return
         self._now = now
-        if (conn.name is not None and not conn.held and self.shortcut
-                and self._submit == self.apply):
+        if conn.name is not None and not conn.held and self.shortcut and self._alone:
             block = self._plain_chat(conn, data)
             if block is not None and self._spend_all(conn, block.count(b"\n"), len(data), now):
                 self.outbox.urgent = True
@@ -1151,9 +1155,15 @@ class Core:
         """Serve the paused members whose time has come, and refuse every
         connection whose login deadline has passed by `now`."""
         self._now = now
-        for cid, when in list(self._asleep.items()):
-            if when <= now:
-                del self._asleep[cid]
+        wakes, asleep = self._wakes, self._asleep
+        due = []  # taken first: a member served may go back to sleep until `now`
+        while wakes and wakes[0][0] <= now:
+            when, cid = heapq.heappop(wakes)
+            if asleep.get(cid) == when:
+                del asleep[cid]
+                due.append(cid)
+        for cid in due:
+            if cid in self._conns:
                 self._serve(self._conns[cid], now)
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
@@ -1167,9 +1177,11 @@ class Core:
     def next_tick(self) -> float | None:
         """When tick() next has something to do, if ever."""
         first = self._deadlines[0][0] if self._deadlines else None
-        if self._asleep:
-            wake = min(self._asleep.values())
-            return wake if first is None else min(first, wake)
+        wakes = self._wakes
+        while wakes and self._asleep.get(wakes[0][1]) != wakes[0][0]:
+            heapq.heappop(wakes)  # served, refused or lost since
+        if wakes:
+            return wakes[0][0] if first is None else min(first, wakes[0][0])
         return first
 
     def apply(self, inp: Input) -> None:
@@ -1220,7 +1232,7 @@ class Core:
             conn = self._conns[self.members.pop(name)]
             conn.name = None
             self.outbox.remove(conn.cid)
-            if self._submit != self.apply:
+            if not self._alone:
                 self._submit(Gone(name))
         for conn in list(self._conns.values()):
             if not conn.closing:
@@ -1266,6 +1278,8 @@ class Core:
         """Take one line's cost from `conn`'s budget: None if it could, else
         when it can. A line needs a whole line's worth left, and bytes above
         zero (a line may take them below zero: a debt the refill pays first)."""
+        if not self._budgeted:
+            return None
         limits = self.limits
         self._refill(conn, now)
         wait = -1.0
@@ -1282,6 +1296,8 @@ class Core:
     def _spend_all(self, conn: _Conn, lines: int, size: int, now: float) -> bool:
         """_spend for a whole read of `lines` lines and `size` bytes at once,
         when it can take every line's cost (else the lines go one by one)."""
+        if not self._budgeted:
+            return True
         limits = self.limits
         self._refill(conn, now)
         if ((limits.rate_lines and conn.lines < lines)
@@ -1294,6 +1310,7 @@ class Core:
     def _sleep(self, conn: _Conn, until: float) -> None:
         """Stop reading `conn` until `until`; tick() serves it then."""
         self._asleep[conn.cid] = until
+        heapq.heappush(self._wakes, (until, conn.cid))
         self.outbox.urgent = True
         if not conn.paused:
             conn.paused = True
@@ -1467,8 +1484,9 @@ class Printer:
         self._closed = False
         self._broken = False  # nobody reads our stdout any more: nothing to wait for
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="stdout", daemon=True)
+        self._thread: threading.Thread | None = None
         if not self._direct:
+            self._thread = threading.Thread(target=self._run, name="stdout", daemon=True)
             self._thread.start()
 
     def write(self, data: bytes) -> None:
@@ -1522,7 +1540,7 @@ class Printer:
 
     def close(self, timeout: float = 2.0) -> None:
         """Write what waits (for at most `timeout` seconds), then stop."""
-        if self._direct:
+        if self._thread is None:
             return
         with self._cond:
             self._closed = True

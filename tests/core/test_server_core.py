@@ -7,10 +7,6 @@ No event loop, no socket, no clock.
 
 from __future__ import annotations
 
-import os
-import time
-from collections.abc import Iterator
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,19 +16,6 @@ from server import Core, Input, Limits, Room
 
 NOW = 1_758_717_104.0  # Wed Sep 24 12:31:44 2025 in UTC
 LOCAL = "127.0.0.1"
-
-
-@pytest.fixture(autouse=True)
-def utc() -> Iterator[None]:
-    old = os.environ.get("TZ")
-    os.environ["TZ"] = "UTC"
-    time.tzset()
-    yield
-    if old is None:
-        del os.environ["TZ"]
-    else:
-        os.environ["TZ"] = old
-    time.tzset()
 
 
 class Wire:
