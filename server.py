@@ -975,6 +975,87 @@ def stream_view(common: bytes, offsets: Sequence[int], edits: Iterable[tuple[int
     return b"".join(pieces)
 
 
+# --- History: the room's last public lines -------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Past:
+    """One public line of the room: its id (unique in the room, without
+    spaces), when it was said (seconds since the epoch), and the display line."""
+
+    id: str
+    when: float
+    line: str
+
+
+def utc_stamp(when: float) -> str:
+    """`2026-12-02T16:05:03Z`: a line's time in a `:past` line."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
+class History:
+    """The room's last `keep` public lines (what everyone sees: chat, shortcuts,
+    time answers, joins and leaves), none older than `max_age` seconds.
+
+    Pure: the time is passed in. Ids are `prefix` and a counter from `first`;
+    the prefix tells one history from another (a restart without a file
+    starts a new one), so an id never names two lines. Lines recorded and
+    not yet saved wait in `unsaved` for whoever keeps them on disk.
+    """
+
+    def __init__(self, keep: int, max_age: float, prefix: str, first: int = 1,
+                 lines: Iterable[Past] = (), max_bytes: int = 64 << 10,
+                 saving: bool = False) -> None:
+        self.keep = keep
+        self.max_age = max_age
+        self.prefix = prefix
+        self.max_bytes = max_bytes  # a replay never owes a new member more than this
+        self.next = first
+        self.saving = saving  # keep what is recorded in `unsaved` (a file takes it)
+        self.unsaved: list[Past] = []
+        self._lines: deque[Past] = deque(lines, maxlen=keep)
+        self._replay: tuple[tuple[int, str], bytes] | None = None  # (next, oldest id), bytes
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def record(self, line: str, when: float) -> None:
+        past = Past(f"{self.prefix}{self.next}", when, line)
+        self.next += 1
+        self._lines.append(past)
+        if self.saving:
+            self.unsaved.append(past)
+
+    def lines(self, now: float) -> list[Past]:
+        """The kept lines not older than max_age at `now`, oldest first."""
+        lines, oldest = self._lines, now - self.max_age
+        while lines and lines[0].when < oldest:
+            lines.popleft()
+        return list(lines)
+
+    def replay(self, now: float) -> bytes:
+        """The `:past` lines a new member is sent: the newest that fit in
+        max_bytes, oldest first (the same bytes for every login until a line
+        is recorded or expires)."""
+        lines = self.lines(now)
+        key = (self.next, lines[0].id if lines else "")
+        if self._replay is None or self._replay[0] != key:
+            out: list[bytes] = []
+            size = 0
+            for past in reversed(lines):
+                data = f":past {past.id} {utc_stamp(past.when)} {past.line}\n".encode()
+                size += len(data)
+                if size > self.max_bytes:
+                    break
+                out.append(data)
+            self._replay = (key, b"".join(reversed(out)))
+        return self._replay[1]
+
+    def take_unsaved(self) -> list[Past]:
+        unsaved, self.unsaved = self.unsaved, []
+        return unsaved
+
+
 # --- The server's core: connections in, plain values out -----------------------
 
 
@@ -1042,9 +1123,11 @@ class Core:
 
     shortcut = True  # take the plain-chat shortcut (tests turn it off to compare)
 
-    def __init__(self, room: Room, limits: Limits, log: RoomLog | None = None) -> None:
+    def __init__(self, room: Room, limits: Limits, log: RoomLog | None = None,
+                 history: History | None = None) -> None:
         self.room = room
         self.limits = limits
+        self.history = history
         self.outbox = Outbox()
         self.throttle = LoginThrottle(limits.login_failures, limits.failure_window)
         self.node = "local" if log is None else log.node
@@ -1114,6 +1197,9 @@ class Core:
                 self.outbox.urgent = True
                 self.outbox.broadcast(block, skip=cid)
                 self.outbox.print(block)
+                if self.history is not None:
+                    for line in block.decode().split("\n")[:-1]:
+                        self.history.record(line, now)
                 return
         conn.held.extend(conn.reader.feed(data))
         if not conn.paused:
@@ -1376,6 +1462,8 @@ class Core:
                 data = out.line.encode() + b"\n"
                 if out.to is None:
                     outbox.broadcast(data, None if out.skip is None else members.get(out.skip))
+                    if self.history is not None:
+                        self.history.record(out.line, self._now)
                 elif out.to in members:
                     outbox.send(members[out.to], data)
             elif type(out) is Log:
@@ -1408,6 +1496,9 @@ class Core:
         conn.name = name
         self.members[name] = conn.cid
         self.outbox.send(conn.cid, f":ok {name}\n".encode())
+        if self.history is not None:  # what was said before, then who is here
+            self.outbox.send(conn.cid, self.history.replay(self._now))
+            self.outbox.send(conn.cid, f":here {' '.join(self.room.names)}\n".encode())
         self.outbox.add(conn.cid)
         if self._serving is not conn and not conn.paused:
             self._serve(conn, self._now)  # what it sent while its login waited
@@ -1659,6 +1750,111 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
 
+class HistoryFile:
+    """The room's history on disk (`-history-db`): SQLite in WAL mode, written
+    by one thread in batches, never on the event loop's path.
+
+    save() only hands lines over; the thread waits up to SAVE_EVERY for more,
+    then writes everything waiting in one transaction and trims the file to
+    the newest `keep` lines and `max_age`. A commit in WAL mode survives the
+    process being killed, so a `kill -9` loses at most the lines not yet
+    committed: those of the last SAVE_EVERY (more only if the disk is slower
+    than the room). SQLite never leaves the file half-written.
+    """
+
+    SAVE_EVERY: Final = 0.25  # seconds a batch waits for company
+
+    def __init__(self, path: str, keep: int, max_age: float) -> None:
+        try:
+            import sqlite3
+        except ImportError:
+            raise UsageError("-history-db needs Python's sqlite3 module, which this Python "
+                             "was built without") from None
+        self.path, self.keep, self.max_age = path, keep, max_age
+        self._error = sqlite3.Error
+        try:
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("BEGIN IMMEDIATE")  # can we write? (a read-only file fails here)
+            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            db.execute("CREATE TABLE IF NOT EXISTS lines (seq INTEGER PRIMARY KEY, "
+                       "id TEXT NOT NULL, at REAL NOT NULL, line TEXT NOT NULL)")
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('prefix', ?)",
+                       (os.urandom(3).hex() + ".",))
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('next', '1')")
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise UsageError(f"-history-db {path}: {exc}") from None
+        self._db = db
+        self._waiting: list[Past] = []
+        self._wake = threading.Condition()
+        self._next = 1
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self.failed: str | None = None  # the error that stopped the saving, if any
+
+    def load(self, now: float) -> History:
+        """The history as the file holds it, to go on from."""
+        meta = dict(self._db.execute("SELECT key, value FROM meta"))
+        rows = self._db.execute(
+            "SELECT id, at, line FROM (SELECT * FROM lines WHERE at >= ? "
+            "ORDER BY seq DESC LIMIT ?) ORDER BY seq", (now - self.max_age, self.keep))
+        lines = [Past(i, at, line) for i, at, line in rows]
+        return History(self.keep, self.max_age, meta["prefix"], int(meta["next"]), lines,
+                       saving=True)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="history", daemon=True)
+        self._thread.start()
+
+    def save(self, lines: list[Past], next_id: int) -> None:
+        with self._wake:
+            if not self._waiting:
+                self._wake.notify()  # the writer was idle; from now on the batch fills
+            self._waiting += lines
+            self._next = next_id
+
+    def close(self) -> None:
+        """Write what waits, then stop."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._db.close()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._waiting and not self._closing:
+                    self._wake.wait()
+                if not self._closing:  # let the batch fill a while
+                    self._wake.wait(self.SAVE_EVERY)
+                lines, self._waiting = self._waiting[-self.keep:], []
+                next_id, closing = self._next, self._closing
+            if lines:
+                try:
+                    self._write(lines, next_id)
+                except self._error as exc:
+                    self.failed = str(exc)
+                    sys.stderr.write(f"server.py: -history-db {self.path}: {exc}; "
+                                     "history is no longer saved\n")
+                    return
+            if closing:
+                return
+
+    def _write(self, lines: list[Past], next_id: int) -> None:
+        db = self._db
+        db.execute("BEGIN")
+        db.executemany("INSERT INTO lines (id, at, line) VALUES (?, ?, ?)",
+                       [(p.id, p.when, p.line) for p in lines])
+        db.execute("DELETE FROM lines WHERE seq <= (SELECT MAX(seq) FROM lines) - ? OR at < ?",
+                   (self.keep, lines[-1].when - self.max_age))
+        db.execute("UPDATE meta SET value = ? WHERE key = 'next'", (str(next_id),))
+        db.execute("COMMIT")
+
+
 class Hub:
     """The core on the event loop: the connections' adapters, the clock, and
     one flush per pass.
@@ -1675,9 +1871,11 @@ class Hub:
     tick (a login deadline, or a paused member's budget).
     """
 
-    def __init__(self, core: Core, out: Sink, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, core: Core, out: Sink, clock: Callable[[], float] = time.time,
+                 keeper: HistoryFile | None = None) -> None:
         self.core = core
         self.out = out
+        self.keeper = keeper  # saves the history's new lines, if it is kept on disk
         self.clock = clock
         self.peers: dict[ConnId, Peer] = {}
         self.read_buffer = memoryview(bytearray(READ_BUFFER))
@@ -1831,6 +2029,9 @@ class Hub:
                 peer.close()
         if batch.printed:
             self.write_out(batch.printed)
+        history = self.core.history
+        if self.keeper is not None and history is not None and history.unsaved:
+            self.keeper.save(history.take_unsaved(), history.next)
 
     def print_lines(self, lines: list[str]) -> None:
         self.write_out(("\n".join(lines) + "\n").encode("utf-8", "replace"))
@@ -1890,6 +2091,13 @@ def positive(kind: type[int] | type[float]) -> Any:
     return convert
 
 
+def not_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
 def not_negative(text: str) -> float:
     value = float(text)
     if not value >= 0:
@@ -1902,6 +2110,10 @@ def port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise ValueError(text)
     return value
+
+
+MAX_HISTORY: Final = 10_000  # lines a -history may keep
+DEFAULT_HISTORY: Final = 100  # ... with -history-db and no -history
 
 
 def build_parser() -> OneLineParser:
@@ -1960,6 +2172,14 @@ def build_parser() -> OneLineParser:
     p.add_argument("-web-origin", action="append", default=[], metavar="ORIGIN",
                    help="with -web: also accept WebSockets from pages of this origin, e.g. "
                         "https://chat.example.org (repeatable, or comma-separated)")
+    p.add_argument("-history", type=not_negative_int, metavar="LINES",
+                   help=f"replay the room's last LINES public lines to each member as it "
+                        f"joins (at most {MAX_HISTORY}; default 0, or {DEFAULT_HISTORY} with "
+                        f"-history-db)")
+    p.add_argument("-history-days", type=positive(float), default=7.0, metavar="DAYS",
+                   help="... none older than this (default 7)")
+    p.add_argument("-history-db", metavar="FILE",
+                   help="keep the history in this SQLite file, so that it outlives a restart")
     p.add_argument("-uvloop", action="store_true",
                    help="run on uvloop (needs chatroom_ext and the uvloop package)")
     return p
@@ -2053,7 +2273,17 @@ async def serve(args: argparse.Namespace, limits: Limits, tls: ssl.SSLContext | 
     loop.set_exception_handler(loop_error_handler(fd_limit))
     log = None if cluster is None else cluster(args.redis, args.redis_backlog)
     printer = Printer(sys.stdout.fileno())
-    hub = Hub(Core(Room(args.passcode), limits, log), printer)
+    history = keeper = None
+    if args.history:
+        max_age = args.history_days * 86400
+        if args.history_db is not None:
+            keeper = HistoryFile(args.history_db, args.history, max_age)
+            history = keeper.load(time.time())
+            keeper.start()
+        else:
+            history = History(args.history, max_age, os.urandom(3).hex() + ".")
+        history.max_bytes = min(history.max_bytes, limits.max_sendq // 2)
+    hub = Hub(Core(Room(args.passcode), limits, log, history), printer, keeper=keeper)
     if log is not None:
         await log.start(hub)
     try:
@@ -2094,6 +2324,8 @@ async def serve(args: argparse.Namespace, limits: Limits, tls: ssl.SSLContext | 
     await hub.shutdown()
     if log is not None:
         await log.close()
+    if keeper is not None:
+        keeper.close()
     printer.close()
     return 0
 
@@ -2104,6 +2336,14 @@ def main(argv: list[str] | None = None) -> int:
         if not is_valid_passcode(args.passcode):
             raise UsageError("the passcode must be 1 to 5 ASCII letters or digits")
         limits = limits_from(args)
+        if args.history is None:
+            args.history = 0 if args.history_db is None else DEFAULT_HISTORY
+        if args.history > MAX_HISTORY:
+            raise UsageError(f"-history: at most {MAX_HISTORY} lines")
+        if args.history_db is not None:
+            if not args.history:
+                raise UsageError("-history-db keeps the history: it needs -history above 0")
+            HistoryFile(args.history_db, args.history, 0).close()  # a bad file fails here
         tls = tls_context(args.tls_cert, args.tls_key)
         cluster: type[RedisLog] | None = None
         if args.redis:

@@ -21,8 +21,9 @@ LOCAL = "127.0.0.1"
 class Wire:
     """A Core and what each connection has been sent, pass by pass."""
 
-    def __init__(self, limits: Limits | None = None, log: server.RoomLog | None = None) -> None:
-        self.core = Core(Room("pw"), limits or Limits(), log)
+    def __init__(self, limits: Limits | None = None, log: server.RoomLog | None = None,
+                 history: server.History | None = None) -> None:
+        self.core = Core(Room("pw"), limits or Limits(), log, history)
         self.got: dict[int, bytes] = {}
         self.closed: list[int] = []
         self.printed = b""
@@ -304,8 +305,9 @@ READS = st.lists(st.one_of(
 def test_the_plain_chat_shortcut_gives_what_the_general_path_gives(reads: list[bytes]) -> None:
     """Core.receive may take a shortcut for whole reads of plain chat; with
     it or without it, every connection and stdout get the same bytes after
-    every read, and the room ends the same."""
-    quick, general = Wire(Limits(max_line=32)), Wire(Limits(max_line=32))
+    every read, the history keeps the same lines, and the room ends the same."""
+    quick, general = (Wire(Limits(max_line=32), history=server.History(100, 3600, "h"))
+                      for _ in range(2))
     general.core.shortcut = False
     for w in (quick, general):
         w.login(1, "alice")
@@ -316,6 +318,8 @@ def test_the_plain_chat_shortcut_gives_what_the_general_path_gives(reads: list[b
         assert (quick.got, quick.printed, quick.closed) == \
             (general.got, general.printed, general.closed)
     assert quick.core.room.names == general.core.room.names
+    assert quick.core.history and general.core.history
+    assert quick.core.history.lines(NOW) == general.core.history.lines(NOW)
 
 
 def test_the_shortcut_is_taken_for_plain_chat() -> None:
