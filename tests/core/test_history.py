@@ -10,9 +10,9 @@ import re
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_server_core import NOW, Wire
 
 from server import History, Limits, Past, utc_stamp
-from test_server_core import NOW, Wire
 
 STAMP = utc_stamp(NOW)  # 2025-09-24T12:31:44Z
 
