@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,19 +61,21 @@ class OurServer(ircd.ServerProcess):
     kind = "ours"
 
     def __init__(self, python: str = sys.executable, uvloop: bool = False,
-                 cpus: set[int] | None = None, script: Path | None = None) -> None:
+                 cpus: set[int] | None = None, script: Path | None = None,
+                 flags: Sequence[str] = ()) -> None:
         super().__init__(cpus)
         # The server runs in a folder of its own, so a relative path is made
         # absolute (abspath, not resolve: a venv's python is a symlink).
         self.python = os.path.abspath(python) if os.sep in python else python
         self.uvloop = uvloop
         self.script = script or ROOT / "server.py"
+        self.flags = list(flags)  # more of server.py's options (relative paths: its folder)
 
     def start(self) -> OurServer:
         self.dir = ircd.scratch_dir("bench-ours-")
         folder = Path(self.dir.name)
         cmd = [self.python, str(self.script), "-start", "-port", "0", "-passcode", PASSCODE]
-        cmd += budget_off(self.script)
+        cmd += budget_off(self.script) + self.flags
         if self.uvloop:
             cmd.append("-uvloop")
         out, err = self.open_file("stdout"), self.open_file("stderr")
@@ -141,8 +144,10 @@ LABEL = {"ours": "ours", "ours-uvloop": "ours+uvloop", "ngircd": "ngircd"}
 
 
 def make_server(name: str, args: argparse.Namespace) -> Any:
+    flags = getattr(args, "server_flags", ())  # bench/variants.py gives each copy its own
     if name == "ours":
-        return OurServer(python=args.server_python, cpus=args.server_cpus, script=args.script)
+        return OurServer(python=args.server_python, cpus=args.server_cpus, script=args.script,
+                         flags=flags)
     if name == "ours-uvloop":
         return OurServer(python=args.uvloop_python, uvloop=True, cpus=args.server_cpus,
                          script=args.script)

@@ -6,6 +6,8 @@
                                                                     # `uv` runs with -uvloop
     python3 bench/variants.py a.py a.py@/usr/bin/python3            # FILE@PYTHON: another
                                                                     # interpreter
+    python3 bench/variants.py server.py "server.py -history 100"    # FILE FLAGS: options
+                                                                    # for that copy
 
 For trying a change to server.py before it lands: each file is a whole
 server.py. Every cell runs on a fresh server with the same method as
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -45,16 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one run, no waiting")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     a = ap.parse_args(argv)
-    entries: list[tuple[str, str, Path | None, str]] = []  # label, kind, copy, interpreter
+    entries: list[tuple[str, str, Path | None, str, list[str]]] = []
+    # label, kind, copy, interpreter, its options
     for spec in a.variants:
-        # FILE@PYTHON runs that copy on another interpreter
-        name, _, python = str(spec).partition("@")
+        # FILE@PYTHON runs that copy on another interpreter; words after it are its options
+        first, *flags = shlex.split(spec)
+        name, _, python = first.partition("@")
         path = Path(name).resolve()
-        label = path.stem + (f"@{Path(python).name}" if python else "")
+        label = " ".join([path.stem + (f"@{Path(python).name}" if python else ""), *flags])
         entries.append((label, "ours-uvloop" if path.stem.endswith("uv") else "ours", path,
-                        python or sys.executable))
+                        python or sys.executable, flags))
     if a.ngircd:
-        entries.append(("ngircd", "ngircd", None, sys.executable))
+        entries.append(("ngircd", "ngircd", None, sys.executable, []))
     if not entries:
         ap.error("nothing to run: give server.py copies and/or --ngircd")
     cpus = sorted(os.sched_getaffinity(0))
@@ -70,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for s in (int(x) for x in a.senders.split(",")):
         for rep in range(reps):
-            for label, kind, path, python in run.rotated(entries, rep):
-                args.script, args.server_python = path, python
+            for label, kind, path, python, flags in run.rotated(entries, rep):
+                args.script, args.server_python, args.server_flags = path, python, flags
                 row = run.run_cell(kind, a.receivers, s, a.mode, grid, args)
                 row.update(variant=label, rep=rep, server_python=args.server_python)
                 rows.append(row)
