@@ -1102,7 +1102,7 @@ class Core:
 
         connect(cid, addr, now)   a connection arrived from `addr`
         receive(cid, data, now)   it sent `data` (one read; the one way in)
-        lost(cid)                 it is gone
+        lost(cid, now)            it is gone
         tick(now)                 the time next_tick() named has come
 
     and, in a cluster, apply(inp) for every input the shared log hands
@@ -1217,8 +1217,10 @@ class Core:
             else:
                 del self._shaking[conn.addr]
 
-    def lost(self, cid: ConnId) -> None:
+    def lost(self, cid: ConnId, now: float | None = None) -> None:
         """Connection `cid` is gone; a member leaves the room as with :Exit."""
+        if now is not None:
+            self._now = now
         self.outbox.drop(cid)
         self._asleep.pop(cid, None)
         self.secured(cid)
@@ -1904,7 +1906,7 @@ class Hub:
 
     def lost(self, cid: ConnId) -> None:
         if self.peers.pop(cid, None) is not None:
-            self.core.lost(cid)
+            self.core.lost(cid, self.clock())
             self._queued()
 
     # -- what a room log (chatroom_ext.cluster) may ask: its typed seam -------------

@@ -62,11 +62,13 @@ def test_leaving_is_kept_both_ways() -> None:
     w.login(1, "alice")
     w.login(2, "bob")
     w.send(2, b":Exit\n")
-    w.core.lost(1)
+    w.core.lost(1, NOW + 3600)  # an hour later, when nothing else happened
     w.login(3, "carol")
-    assert re.findall(rb":past \S+ \S+ (.*)\n", w.got[3]) == [
-        b"alice joined the chatroom", b"bob joined the chatroom", b"bob left the chatroom",
-        b"alice left the chatroom"]
+    assert re.findall(rb":past \S+ (\S+) (.*)\n", w.got[3]) == [
+        (STAMP.encode(), b"alice joined the chatroom"),
+        (STAMP.encode(), b"bob joined the chatroom"),
+        (STAMP.encode(), b"bob left the chatroom"),
+        (utc_stamp(NOW + 3600).encode(), b"alice left the chatroom")]
     assert w.got[3].endswith(b":here carol\n")
 
 
