@@ -40,6 +40,8 @@ import argparse
 import enum
 import io
 import os
+import random
+import select
 import selectors
 import shutil
 import signal
@@ -47,9 +49,11 @@ import socket
 import ssl
 import sys
 import threading
+import time
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone, tzinfo
 from types import FrameType
 from typing import NoReturn, TextIO
 
@@ -227,25 +231,40 @@ class Kind(enum.Enum):
     OK = "ok"  # :ok <username>
     ERROR = "error"  # :error <code> <text>
     BYE = "bye"  # :bye
+    PAST = "past"  # :past <id> <time> <line>, a kept line replayed after the login
+    HERE = "here"  # :here <name> <name> ..., the end of the replay
     UNKNOWN = "unknown"  # a protocol line with a word this client does not know
     DISPLAY = "display"  # a line to print
     TOO_LONG = "too-long"  # a line longer than MAX_LINE, dropped
 
 
 @dataclass(frozen=True)
+class Past:
+    """One line of the room's history: `ident` names it in the room, `time` is
+    when it was said (UTC, as the server wrote it), `line` the display line
+    exactly as it was sent live (not sanitised)."""
+
+    ident: str
+    time: str
+    line: str
+
+
+@dataclass(frozen=True)
 class Event:
     """One line from the server, parsed.
 
-    `text` is the line for DISPLAY, the human-readable text for ERROR and the
-    rest of the line for the other protocol lines; `code` is ERROR's code.
+    `text` is the line for DISPLAY and PAST, the human-readable text for
+    ERROR and the rest of the line for the other protocol lines; `code` is
+    ERROR's code; `past` is PAST's line of history.
     """
 
     kind: Kind
     text: str = ""
     code: str = ""
+    past: Past | None = None
 
 
-_PROTOCOL_WORDS = {"hello": Kind.HELLO, "ok": Kind.OK, "bye": Kind.BYE}
+_PROTOCOL_WORDS = {"hello": Kind.HELLO, "ok": Kind.OK, "bye": Kind.BYE, "here": Kind.HERE}
 
 
 def classify(line: str) -> Event:
@@ -256,6 +275,12 @@ def classify(line: str) -> Event:
     if word == "error":
         code, _, text = rest.partition(" ")
         return Event(Kind.ERROR, text or f"the server reported an error: {code}", code)
+    if word == "past":  # :past <id> <time> <line>; without all three, a word not known
+        ident, _, more = rest.partition(" ")
+        stamp, space, text = more.partition(" ")
+        if not (ident and stamp and space):
+            return Event(Kind.UNKNOWN, rest)
+        return Event(Kind.PAST, text, past=Past(ident, stamp, text))
     return Event(_PROTOCOL_WORDS.get(word, Kind.UNKNOWN), rest)
 
 
@@ -306,6 +331,217 @@ class LineSplitter:
         return Event(Kind.TOO_LONG)
 
 
+# --- History: the replay after a login, and catching up after a lost connection ---
+
+USERS_PREFIX = "Active Users: "  # the answer to :Users, and what :here is shown as
+PRIVATE_PREFIX = "[Message from "  # a private message
+LIVE_LIMIT = 10_000  # public lines remembered since the last replay (see History)
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
+           "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")  # not the locale's: always these
+
+
+def users_line(names: str) -> str:
+    """The line shown for `:here <names>`: the same as the answer to :Users."""
+    return USERS_PREFIX + ", ".join(names.split())
+
+
+def past_time(stamp: str, now: datetime, zone: tzinfo | None = None) -> str:
+    """When a replayed line was said, in local time (`zone`, or the system's):
+    `16:05` on the day of `now`, `Dec 01 16:05` on another day of its year,
+    `2025-12-01 16:05` in another year. A `stamp` that is not the protocol's
+    `2026-12-02T16:05:03Z` is given back as it is."""
+    try:
+        when = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return stamp
+    local, today = when.astimezone(zone), now.astimezone(zone)
+    clock = f"{local.hour:02}:{local.minute:02}"
+    if local.date() == today.date():
+        return clock
+    if local.year == today.year:
+        return f"{_MONTHS[local.month - 1]} {local.day:02} {clock}"
+    return f"{local.year}-{local.month:02}-{local.day:02} {clock}"
+
+
+def past_display(past: Past, now: datetime, zone: tzinfo | None = None) -> str:
+    """The line shown for a replayed line: its time in brackets, then the line.
+
+    A live line cannot look like it: it starts with a username, or with
+    `[Message from ` or `Active Users:`, and no username holds the `:` that
+    every time does."""
+    return f"[{past_time(past.time, now, zone)}] {past.line}"
+
+
+def is_public(line: str) -> bool:
+    """True for a display line everyone saw, the kind a server keeps: not a
+    private message, not the answer to :Users."""
+    return not line.startswith((PRIVATE_PREFIX, USERS_PREFIX))
+
+
+def catch_up(replay: Sequence[Past], last_id: str | None, live: Sequence[str],
+             me: str | None) -> list[Past]:
+    """The lines of `replay` (all the :past lines of one login, oldest first)
+    to show, given what was shown before: `last_id`, the id of the last line
+    of the previous replay (None if there was none), and `live`, the public
+    lines received live since then (raw, oldest first). `me` is the username,
+    or None on the first login, when all of `replay` is shown.
+
+    The candidates are the lines after `last_id` (all of them if it is not in
+    `replay`: the window moved on, and then only the end of `live` that is
+    still in the window, in order, counts). Walking them in order, a line
+    equal to the next live line was shown live and is skipped; a line of `me`
+    (`me: ...`) was typed here and is skipped; any other one is shown.
+    """
+    ids = [past.ident for past in replay]
+    if last_id is not None and last_id in ids:
+        candidates = list(replay[ids.index(last_id) + 1 :])
+        seen = list(live)
+    else:
+        candidates = list(replay)
+        kept = len(live)  # the longest end of `live` that is in order in `candidates`
+        for past in reversed(candidates):
+            if kept > 0 and past.line == live[kept - 1]:
+                kept -= 1
+        seen = list(live[kept:])
+    shown = []
+    matched = 0
+    mine = None if me is None else f"{me}: "
+    for past in candidates:
+        if matched < len(seen) and past.line == seen[matched]:
+            matched += 1
+        elif mine is None or not past.line.startswith(mine):
+            shown.append(past)
+    return shown
+
+
+class History:
+    """The replay of each login, and what -reconnect needs to show after a new
+    login only the lines not shown yet (catch_up()): the id of the last
+    replayed line and, when `remember` is on, the public lines received live
+    since. At most LIVE_LIMIT live lines are kept; past that, the oldest go
+    and the last id is forgotten, so catching up stays exact as long as the
+    server keeps at most that many lines."""
+
+    def __init__(self, me: str, remember: bool = False) -> None:
+        self.me = me
+        self.remember = remember
+        self.last_id: str | None = None
+        self.live: list[str] = []
+        self._replay: list[Past] = []
+        self._first = True  # no replay has ended yet
+
+    def begin(self) -> None:
+        """A new login: forget an unfinished replay of a lost connection."""
+        self._replay = []
+
+    def add(self, past: Past) -> None:
+        """One :past line of the replay."""
+        self._replay.append(past)
+
+    def end(self) -> list[Past]:
+        """The replay is over (:here): the lines to show, in order."""
+        shown = catch_up(self._replay, self.last_id, self.live, None if self._first else self.me)
+        self._first = False
+        if self._replay:
+            self.last_id = self._replay[-1].ident
+        self.live = []
+        self._replay = []
+        return shown
+
+    def heard(self, line: str) -> None:
+        """A display line received live."""
+        if self.remember and is_public(line):
+            self.live.append(line)
+            if len(self.live) > LIVE_LIMIT:
+                del self.live[: len(self.live) - LIVE_LIMIT]
+                self.last_id = None
+
+
+# --- -reconnect ------------------------------------------------------------------
+
+RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # then 30 s again and again
+STABLE_AFTER = 30.0  # seconds up after which the delays start again from the first
+# Refusals of a new login that are worth trying again: the server is busy,
+# restarting or slowing this address down. Any other code (passcode,
+# bad-username, bad-login, name-taken, or one this client does not know) ends it.
+RETRIED_CODES = frozenset(("full", "throttled", "shutdown", "login-timeout"))
+
+
+def retry_delay(attempt: int, jitter: float) -> float:
+    """Seconds to wait before attempt number `attempt` (0, 1, ...) to connect
+    again: RETRY_DELAYS, then 30 s, each made 25 % shorter to 25 % longer by
+    `jitter` (0 to 1), so that a room of clients does not come back at once."""
+    base = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
+    return round(base * (0.75 + 0.5 * jitter), 1)
+
+
+# --- Colours on a terminal --------------------------------------------------------
+
+NAME_COLOURS = (32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96)  # SGR foreground colours
+SGR_BOLD, SGR_DIM, SGR_DEFAULT_COLOUR, SGR_RESET = "1", "2", "\x1b[39m", "\x1b[0m"
+_JOIN_LEAVE = (" joined the chatroom", " left the chatroom")
+
+
+def colour_wanted(stdout_is_terminal: bool, environ: Mapping[str, str]) -> bool:
+    """Colours only on a terminal, and not when NO_COLOR is set to anything
+    but "" (no-color.org) or TERM is `dumb`."""
+    return stdout_is_terminal and not environ.get("NO_COLOR") and environ.get("TERM") != "dumb"
+
+
+def name_colour(name: str) -> int:
+    """The SGR colour of a name: the same in every run and on every machine
+    (FNV-1a of its UTF-8 bytes; Python's hash() changes from run to run)."""
+    value = 0x811C9DC5
+    for byte in name.encode("utf-8", "surrogateescape"):
+        value = ((value ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return NAME_COLOURS[value % len(NAME_COLOURS)]
+
+
+def name_span(line: str) -> tuple[int, int] | None:
+    """Where the name of whoever a display line is from is in it: the sender
+    of a private message, the speaker of `name: ...`, who joined or left; or
+    None. A name has no whitespace and no `:`, so the first `:` ends it."""
+    colon = line.find(":")
+    if line.startswith(PRIVATE_PREFIX):
+        start = len(PRIVATE_PREFIX)
+        if colon > start + 1 and line[colon - 1] == "]":
+            return start, colon - 1
+        return None
+    if colon > 0 and line[colon + 1 : colon + 2] == " " and " " not in line[:colon]:
+        return 0, colon
+    for tail in _JOIN_LEAVE:
+        head = line[: -len(tail)]
+        if line.endswith(tail) and head and not any(c.isspace() or c == ":" for c in head):
+            return 0, len(head)
+    return None
+
+
+def paint(line: str, folded: str, start: int | None = None) -> str:
+    """`folded`, which is fold() of the sanitised `line`, with colours: the
+    sender's name in its colour (when it is whole on the first row), a
+    private message in bold, a replayed line dimmed. `start` is where the
+    room's line begins in a replayed line (after its time); None for a live
+    line. Only ever given sanitised text, so the escape sequences in the
+    result are all this function's."""
+    offset = start or 0
+    room_line = line[offset:]
+    out = folded
+    span = name_span(room_line)
+    if span is not None:
+        first, last = span[0] + offset, span[1] + offset
+        if "\n" not in folded[:last]:  # fold() only adds "\n  ": same text up to there
+            colour = f"\x1b[{name_colour(line[first:last])}m"
+            out = f"{folded[:first]}{colour}{folded[first:last]}{SGR_DEFAULT_COLOUR}{folded[last:]}"
+    attributes = []
+    if start is not None:
+        attributes.append(SGR_DIM)
+    if room_line.startswith(PRIVATE_PREFIX):
+        attributes.append(SGR_BOLD)
+    if attributes:
+        out = f"\x1b[{';'.join(attributes)}m{out}{SGR_RESET}"
+    return out
+
+
 @dataclass(frozen=True)
 class Settings:
     """The command line, checked."""
@@ -316,6 +552,7 @@ class Settings:
     passcode: str
     tls: bool
     tls_ca: str | None
+    reconnect: bool = False
 
 
 class _Parser(argparse.ArgumentParser):
@@ -361,6 +598,12 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-tls-ca", metavar="FILE", help="also trust this CA certificate file (implies -tls)"
     )
+    parser.add_argument(
+        "-reconnect",
+        action="store_true",
+        help="when the connection is lost, keep trying to join again, and show "
+        "what was missed (from a server with -history)",
+    )
     return parser
 
 
@@ -374,6 +617,7 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Set
         passcode=args.passcode,
         tls=args.tls or args.tls_ca is not None,
         tls_ca=args.tls_ca,
+        reconnect=args.reconnect,
     )
 
 
@@ -448,17 +692,26 @@ class Output:
     erase the line, the text, "\\n"), and the typed line is drawn again.
 
     On a terminal, a line wider than the terminal is folded (fold()) so
-    that its continuation rows are indented; anywhere else the bytes are
-    exactly the line's.
+    that its continuation rows are indented, and with `colour`, stdout's
+    lines are painted (paint()); anywhere else the bytes are exactly the
+    line's.
     """
 
-    def __init__(self, current_input: Callable[[], str] | None = None) -> None:
+    def __init__(
+        self, current_input: Callable[[], str] | None = None, colour: bool = False
+    ) -> None:
         self._lock = threading.Lock()
         self._current_input = current_input
+        self._colour = colour
 
     def say(self, text: str) -> None:
         """Print a line of the room on stdout."""
         self._write_line(sys.stdout, text)
+
+    def say_past(self, past: Past) -> None:
+        """Print a replayed line of the room on stdout, its time first."""
+        text = past_display(past, datetime.now(timezone.utc))
+        self._write_line(sys.stdout, text, len(text) - len(past.line))
 
     def warn(self, text: str) -> None:
         """Print a line on stderr."""
@@ -469,12 +722,15 @@ class Output:
         if self._current_input is not None:
             self._write(sys.stdout, "\r\x1b[K")
 
-    def _write_line(self, stream: TextIO, text: str) -> None:
-        line = sanitize(text)
+    def _write_line(self, stream: TextIO, text: str, start: int | None = None) -> None:
+        line = sanitize(text)  # as long as `text`: `start` holds in it
         if not _is_terminal(stream):
             self._write(stream, line + "\n")
             return
-        data = fold(line, shutil.get_terminal_size().columns) + "\n"
+        data = fold(line, shutil.get_terminal_size().columns)
+        if self._colour and stream is sys.stdout:
+            data = paint(line, data, start)
+        data += "\n"
         if self._current_input is not None:
             data = f"\r\x1b[K{data}{self._current_input()}"
         self._write(stream, data)
@@ -586,7 +842,15 @@ class Stopper:
 
 
 class Failure(Exception):
-    """The client must end with this one line on stderr and status 1."""
+    """The client must end with this one line on stderr and status 1.
+
+    `final`: even -reconnect must not try again (another protocol, a
+    certificate that does not verify); the rest may pass.
+    """
+
+    def __init__(self, message: str, final: bool = False) -> None:
+        super().__init__(message)
+        self.final = final
 
 
 class Refused(Exception):
@@ -622,7 +886,9 @@ def open_connection(settings: Settings, context: ssl.SSLContext | None) -> socke
         return context.wrap_socket(sock, server_hostname=settings.host)
     except ssl.SSLCertVerificationError as exc:
         reason = exc.verify_message or describe(exc)
-        raise Failure(f"TLS certificate of {settings.host} did not verify: {reason}") from None
+        raise Failure(
+            f"TLS certificate of {settings.host} did not verify: {reason}", final=True
+        ) from None
     except OSError as exc:
         raise Failure(
             f"TLS handshake with {where} failed ({describe(exc)}); is the server using TLS?"
@@ -650,7 +916,7 @@ def log_in(sock: socket.socket, settings: Settings, splitter: LineSplitter) -> N
             elif event.kind is Kind.HELLO and event.text != PROTOCOL:
                 greeting = " ".join((":hello", sanitize(event.text))).rstrip()
                 raise Failure(f"{where} greeted with '{greeting}'; "
-                              f"this client speaks '{PROTOCOL}'")
+                              f"this client speaks '{PROTOCOL}'", final=True)
             elif event.kind is Kind.OK:
                 return
             elif event.kind is Kind.ERROR:
@@ -665,6 +931,26 @@ def log_in(sock: socket.socket, settings: Settings, splitter: LineSplitter) -> N
     raise Failure(f"{where} closed the connection before the login was accepted{hint}")
 
 
+class Dialer:
+    """Connects and logs in again, for -reconnect (in the Link's thread)."""
+
+    def __init__(self, settings: Settings, context: ssl.SSLContext | None) -> None:
+        self.settings = settings
+        self.context = context
+        self.where = f"{settings.host} port {settings.port}"
+
+    def dial(self) -> tuple[socket.socket, LineSplitter]:
+        """A logged-in socket and what came after :ok. Raises Failure, Refused."""
+        sock = open_connection(self.settings, self.context)
+        splitter = LineSplitter()
+        try:
+            log_in(sock, self.settings, splitter)
+        except BaseException:
+            sock.close()
+            raise
+        return sock, splitter
+
+
 # ---------------------------------------------------------------------------
 # 5. Link
 # ---------------------------------------------------------------------------
@@ -677,6 +963,8 @@ class End(enum.Enum):
     CLOSED = "closed"  # the server closed the connection without :bye
     LOST = "lost"  # the connection failed (reason in Link.reason)
     STOPPED = "stopped"  # Link.stop() was called
+    REFUSED = "refused"  # -reconnect: a new login was refused for good (Link.refusal)
+    FAILED = "failed"  # -reconnect: connecting again cannot work (Link.failure)
 
 
 class Link:
@@ -688,24 +976,48 @@ class Link:
     Link's thread. When the thread ends it sets `finished` and sends
     WAKE_SIGNAL to the main thread. The stop signals are blocked in the
     thread, so the kernel delivers them to the main thread.
+
+    With a `dialer` (-reconnect), a connection that is lost or closed
+    without :bye, unless :Exit has been sent on it (`leaving` and nothing
+    left to send), is not the end: the thread says so on stderr (`note`),
+    waits (retry_delay()), connects and logs in again with the dialer, and
+    goes on with the new socket, giving `on_event` an OK event for the new
+    login. What is queued meanwhile waits, and goes after the login; a line
+    that was half sent goes again whole. A refusal whose code is not in
+    RETRIED_CODES, or a final Failure, ends the thread (End.REFUSED,
+    End.FAILED).
     """
 
     def __init__(
-        self, sock: socket.socket, splitter: LineSplitter, on_event: Callable[[Event], None]
+        self,
+        sock: socket.socket,
+        splitter: LineSplitter,
+        on_event: Callable[[Event], None],
+        dialer: Dialer | None = None,
+        note: Callable[[str], None] | None = None,
     ) -> None:
         self._sock = sock
         self._splitter = splitter
         self._on_event = on_event
+        self._dialer = dialer
+        self._note = note or (lambda text: None)
         self._outbox = bytearray()
+        self._half_sent = bytearray()  # the start of a line sent without its end yet
         self._lock = threading.Lock()  # guards _outbox
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._stopping = False
         self._blocked_on_write = False
         self._main_thread = threading.main_thread().ident or 0
         self._thread = threading.Thread(target=self._run, name="link", daemon=True)
+        self._attempt = 0  # attempts to connect again since the last stable connection
+        self._up_since = time.monotonic()
         self.finished = threading.Event()
+        self.connected = True  # False while connecting again
+        self.leaving = False  # set by the Chat once :Exit is queued
         self.end = End.STOPPED
         self.reason = ""
+        self.refusal: Refused | None = None
+        self.failure: Failure | None = None
 
     def start(self) -> None:
         """Start the thread, with the stop signals blocked in it."""
@@ -724,12 +1036,14 @@ class Link:
         self._poke()
 
     def stop(self) -> None:
-        """End the thread if it still runs, and wait for it."""
+        """End the thread if it still runs, and wait for it (not while it
+        connects again: that can take seconds, and the thread is a daemon)."""
         self._stopping = True
         self._poke()
-        self._thread.join()
-        self._wake_reader.close()
-        self._wake_writer.close()
+        self._thread.join(None if self.connected else 0.5)
+        if not self._thread.is_alive():
+            self._wake_reader.close()
+            self._wake_writer.close()
 
     def _poke(self) -> None:
         try:
@@ -738,6 +1052,20 @@ class Link:
             pass
 
     def _run(self) -> None:
+        try:
+            while self._serve() and self._dial_again():
+                pass
+        finally:
+            self._sock.close()
+            self.finished.set()
+            try:
+                signal.pthread_kill(self._main_thread, WAKE_SIGNAL)
+            except (OSError, ValueError):  # the main thread has already gone
+                pass
+
+    def _serve(self) -> bool:
+        """Serve the current socket until the connection ends; True if it was
+        lost in a way that -reconnect may mend."""
         try:
             with selectors.DefaultSelector() as selector:
                 selector.register(self._wake_reader, selectors.EVENT_READ)
@@ -755,9 +1083,68 @@ class Link:
                     self._drain_pokes()
         except OSError as exc:
             self.end, self.reason = End.LOST, describe(exc)
-        finally:
-            self.finished.set()
-            signal.pthread_kill(self._main_thread, WAKE_SIGNAL)
+        if self._dialer is None or self._stopping or self.end not in (End.CLOSED, End.LOST):
+            return False
+        with self._lock:
+            return not self.leaving or bool(self._outbox or self._half_sent)
+
+    def _dial_again(self) -> bool:
+        """Connect and log in again, waiting longer after each failure; True
+        once in, False when it must end (stopped, or refused for good)."""
+        assert self._dialer is not None
+        self.connected = False
+        self._sock.close()
+        if time.monotonic() - self._up_since >= STABLE_AFTER:
+            self._attempt = 0
+        with self._lock:  # a line cut by the loss goes again whole
+            self._outbox[:0] = self._half_sent
+            self._half_sent.clear()
+        if self.end is End.LOST:
+            why = f"lost the connection to the server: {self.reason}"
+        else:
+            why = "the server closed the connection"
+        while True:
+            delay = retry_delay(self._attempt, random.random())
+            self._attempt += 1
+            self._note(f"{PROG}: {why}; trying again in {delay:g} s")
+            if not self._pause(delay):
+                return False
+            try:
+                sock, splitter = self._dialer.dial()
+            except Refused as refused:
+                if refused.event.code not in RETRIED_CODES:
+                    self.end, self.refusal = End.REFUSED, refused
+                    return False
+                why = f"refused: {refused.event.text}"
+                continue
+            except Failure as failure:
+                if failure.final:
+                    self.end, self.failure = End.FAILED, failure
+                    return False
+                why = str(failure)
+                continue
+            if self._stopping:
+                sock.close()
+                return False
+            sock.setblocking(False)
+            self._sock, self._splitter = sock, splitter
+            self._up_since = time.monotonic()
+            self.end, self.reason = End.STOPPED, ""
+            self._note(f"{PROG}: connected again to {self._dialer.where}")
+            self._on_event(Event(Kind.OK, self._dialer.settings.username))
+            self.connected = True
+            return True
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait `seconds`; False if stop() came first."""
+        deadline = time.monotonic() + seconds
+        while not self._stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return True
+            select.select([self._wake_reader], [], [], left)
+            self._drain_pokes()
+        return False
 
     def _receive(self) -> bool:
         """Handle every line that has arrived; False once the connection ended."""
@@ -795,6 +1182,13 @@ class Link:
                 return
             with self._lock:
                 del self._outbox[:sent]
+                if self._dialer is not None:
+                    done = chunk[:sent]
+                    cut = done.rfind(b"\n")
+                    if cut >= 0:
+                        self._half_sent[:] = done[cut + 1 :]
+                    else:
+                        self._half_sent += done
 
     def _drain_pokes(self) -> None:
         try:
@@ -809,14 +1203,25 @@ class Link:
 
 
 class Chat:
-    """The logged-in session, seen from the main thread."""
+    """The logged-in session, seen from the main thread.
+
+    With a `dialer` (-reconnect), the Link connects again by itself when the
+    connection is lost; the Chat meanwhile goes on taking what is typed.
+    """
 
     def __init__(
-        self, sock: socket.socket, splitter: LineSplitter, output: Output, stopper: Stopper
+        self,
+        sock: socket.socket,
+        splitter: LineSplitter,
+        output: Output,
+        stopper: Stopper,
+        history: History,
+        dialer: Dialer | None = None,
     ) -> None:
         self._output = output
         self._stopper = stopper
-        self._link = Link(sock, splitter, self._handle)
+        self._history = history
+        self._link = Link(sock, splitter, self._handle, dialer, output.warn)
         self._exit_sent = False
         self._error_shown = False  # the last line handled was an :error
 
@@ -849,13 +1254,16 @@ class Chat:
         for line in lines:
             self._link.send(line + b"\n")
             if line == EXIT:
-                self._exit_sent = True
+                self._exit_sent = self._link.leaving = True
                 return
         self._link.send(EXIT + b"\n")
-        self._exit_sent = True
+        self._exit_sent = self._link.leaving = True
 
     def _leave(self) -> None:
-        """Leave after a signal: :Exit, then a short wait for :bye."""
+        """Leave after a signal: :Exit, then a short wait for :bye; at once
+        while connecting again (there is no room to leave)."""
+        if not self._link.connected:
+            return
         if not self._exit_sent:
             self._link.send(EXIT + b"\n")
         self._link.finished.wait(LEAVE_TIMEOUT)
@@ -864,6 +1272,12 @@ class Chat:
         """The exit status once the Link has ended by itself."""
         if self._link.end is End.BYE:
             return 0
+        if self._link.refusal is not None:
+            report_refusal(self._link.refusal, self._output)
+            return 1
+        if self._link.failure is not None:
+            self._output.warn(f"{PROG}: {self._link.failure}")
+            return 1
         if not self._error_shown:  # an :error line already said why
             if self._link.end is End.LOST:
                 self._output.warn(f"{PROG}: lost the connection to the server: {self._link.reason}")
@@ -874,7 +1288,16 @@ class Chat:
     def _handle(self, event: Event) -> None:
         """Act on one line from the server (in the Link's thread)."""
         if event.kind is Kind.DISPLAY:
+            self._history.heard(event.text)
             self._output.say(event.text)
+        elif event.kind is Kind.PAST and event.past is not None:
+            self._history.add(event.past)
+        elif event.kind is Kind.HERE:
+            for past in self._history.end():
+                self._output.say_past(past)
+            self._output.say(users_line(event.text))
+        elif event.kind is Kind.OK:  # a new login, after a lost connection
+            self._history.begin()
         elif event.kind is Kind.ERROR:
             self._output.warn(event.text)
         elif event.kind is Kind.TOO_LONG:
@@ -903,14 +1326,23 @@ def run(
         try:
             log_in(sock, settings, splitter)
         except Refused as refused:
-            if refused.event.code == "passcode":
-                output.say("Incorrect passcode")
-            else:
-                output.warn(refused.event.text)
+            report_refusal(refused, output)
             return 1
         stopper.hold()  # from here on a signal waits for the Chat, which can leave properly
         output.say(f"Connected to {settings.host} on port {settings.port}")
-        return Chat(sock, splitter, output, stopper).run(typed_lines(interactive))
+        history = History(settings.username, remember=settings.reconnect)
+        dialer = Dialer(settings, context) if settings.reconnect else None
+        chat = Chat(sock, splitter, output, stopper, history, dialer)
+        return chat.run(typed_lines(interactive))
+
+
+def report_refusal(refused: Refused, output: Output) -> None:
+    """Say why the login was refused: the contract's line for a wrong
+    passcode, the server's text on stderr for anything else."""
+    if refused.event.code == "passcode":
+        output.say("Incorrect passcode")
+    else:
+        output.warn(refused.event.text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -927,7 +1359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     interactive = current_input is not None
     if interactive and isinstance(sys.stdin, io.TextIOWrapper):
         sys.stdin.reconfigure(errors="surrogateescape")  # keep bytes the locale cannot decode
-    output = Output(current_input)
+    colour = colour_wanted(sys.stdout is not None and _is_terminal(sys.stdout), os.environ)
+    output = Output(current_input, colour)
     try:  # Stop can come out of any statement here, but only once (see Stopper)
         stopper = Stopper()
         try:
