@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import socket
 import ssl
@@ -21,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO
 
@@ -39,6 +41,7 @@ def child_env() -> dict[str, str]:
     """No PYTHONUNBUFFERED (it would hide a missing flush) and a UTF-8 locale."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env["LANG"] = "C.UTF-8"
+    env["TZ"] = "UTC"  # the times of replayed lines are local
     return env
 
 
@@ -68,6 +71,15 @@ class Lines:
             return None
         assert raw.endswith(b"\n"), f"a line without its newline: {raw!r}"
         return raw[:-1].decode("utf-8")
+
+    def rest_until(self, last: str) -> list[str]:
+        """The lines up to `last`, included."""
+        lines: list[str] = []
+        while not lines or lines[-1] != last:
+            line = self.next()
+            assert line is not None, f"the stream ended before {last!r}: {lines}"
+            lines.append(line)
+        return lines
 
     def rest(self) -> list[str]:
         """Every line left, up to the end of the stream."""
@@ -236,7 +248,9 @@ def connect(
     server: FakeServer, start_client: StartClient, **options: object
 ) -> tuple[Client, Peer]:
     """A client logged in as alice, its Connected line already checked."""
-    chat_client = start_client(**options)
+    extra = options.pop("extra", ())
+    assert isinstance(extra, tuple)
+    chat_client = start_client(*extra, **options)
     peer = server.accept()
     peer.log_in()
     host = options.get("host", "127.0.0.1")
@@ -646,4 +660,179 @@ def test_unusable_ca_file_is_a_bad_argument(
     result = start_client("-tls-ca", str(tmp_path / "missing.pem")).finish()
     assert (result.status, result.stdout, len(result.stderr)) == (2, [], 1)
     assert result.stderr[0].startswith("client.py: error: argument -tls-ca: ")
+    server.assert_nobody_connected()
+
+
+# --- history (a server with -history) -------------------------------------------------
+
+
+def test_replay_is_shown_with_its_time_then_who_is_here(
+    server: FakeServer, start_client: StartClient
+) -> None:
+    today = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    chat_client = start_client()
+    peer = server.accept()
+    peer.log_in()
+    peer.send(
+        ":past 17 2025-03-04T05:06:07Z alice: Hello Room",
+        f":past 18 {today} bob joined the chatroom",
+        b":past 19 2025-03-04T05:06:09Z bob: \x1b[31mred",
+        ":past broken",
+        ":here alice bob",
+        "bob: live",
+    )
+    result = leave_with_bye(chat_client, peer)
+    assert result == Result(0, [
+        f"Connected to 127.0.0.1 on port {server.port}",
+        "[2025-03-04 05:06] alice: Hello Room",
+        f"[{today[11:16]}] bob joined the chatroom",
+        "[2025-03-04 05:06] bob: \ufffd[31mred",
+        "Active Users: alice, bob",
+        "bob: live",
+    ], [])
+
+
+def test_no_colour_on_a_pipe_even_without_no_color(
+    server: FakeServer, start_client: StartClient
+) -> None:
+    chat_client, peer = connect(server, start_client)
+    peer.send("bob: hi", "[Message from bob]: psst")
+    result = leave_with_bye(chat_client, peer)
+    assert result == Result(0, ["bob: hi", "[Message from bob]: psst"], [])
+
+
+# --- -reconnect ---------------------------------------------------------------------------
+
+
+def trying_again(line: str | None, why: str = "the server closed the connection") -> None:
+    """`line` is the note of a connection lost or refused: why, and the pause."""
+    assert line is not None
+    assert re.fullmatch(rf"client\.py: {re.escape(why)}; trying again in [0-9.]+ s", line), line
+
+
+def connected_again(server: FakeServer) -> str:
+    return f"client.py: connected again to 127.0.0.1 port {server.port}"
+
+
+def test_reconnect_logs_in_again_and_shows_only_what_was_missed(
+    server: FakeServer, start_client: StartClient
+) -> None:
+    chat_client = start_client("-reconnect")
+    peer = server.accept()
+    peer.log_in()
+    peer.send(":past 1 2025-03-04T05:06:07Z bob: before", ":here bob alice", "bob: live")
+    assert chat_client.stdout.rest_until("bob: live") == [
+        f"Connected to 127.0.0.1 on port {server.port}",
+        "[2025-03-04 05:06] bob: before",
+        "Active Users: bob, alice",
+        "bob: live",
+    ]
+    chat_client.type("sent")
+    assert peer.line() == b"sent"
+    peer.close()
+    trying_again(chat_client.stderr.next())
+    chat_client.type("typed while away", ":Users")  # held until the new login
+    peer = server.accept()
+    peer.log_in()
+    peer.send(
+        ":past 1 2025-03-04T05:06:07Z bob: before",
+        ":past 2 2025-03-04T05:06:08Z bob: live",  # shown live
+        ":past 3 2025-03-04T05:06:09Z alice: sent",  # typed here
+        ":past 4 2025-03-04T05:06:10Z bob: lost in flight",
+        ":past 5 2025-03-04T05:06:11Z alice left the chatroom",
+        ":past 6 2025-03-04T05:06:12Z alice joined the chatroom",
+        ":here bob alice",
+    )
+    assert chat_client.stderr.next() == connected_again(server)
+    assert peer.line() == b"typed while away"
+    assert peer.line() == b":Users"
+    peer.send("Active Users: bob, alice")
+    assert leave_with_bye(chat_client, peer, ("bob: after",)) == Result(0, [
+        "[2025-03-04 05:06] bob: lost in flight",
+        "[2025-03-04 05:06] alice left the chatroom",
+        "[2025-03-04 05:06] alice joined the chatroom",
+        "Active Users: bob, alice",
+        "Active Users: bob, alice",
+        "bob: after",
+    ], [])
+
+
+def test_reconnect_tries_again_after_a_busy_server(
+    server: FakeServer, start_client: StartClient
+) -> None:
+    chat_client, peer = connect(server, start_client, extra=("-reconnect",))
+    peer.close()
+    trying_again(chat_client.stderr.next())
+    peer = server.accept()
+    peer.line()
+    peer.close()  # no answer at all
+    trying_again(
+        chat_client.stderr.next(),
+        f"127.0.0.1 port {server.port} closed the connection before the login was accepted"
+        " (does the server require -tls?)",
+    )
+    peer = server.accept()
+    peer.line()
+    peer.send(":hello chatroom 1", ":error full The server is full")
+    peer.close()
+    trying_again(chat_client.stderr.next(), "refused: The server is full")
+    peer = server.accept()
+    peer.log_in()
+    assert chat_client.stderr.next() == connected_again(server)
+    assert leave_with_bye(chat_client, peer) == Result(0, [], [])
+
+
+@pytest.mark.parametrize(
+    ("answer", "result"),
+    [
+        (":error name-taken The username alice is already in the room",
+         Result(1, [], ["The username alice is already in the room"])),
+        (":error passcode Incorrect passcode", Result(1, ["Incorrect passcode"], [])),
+        (":error bad-login Say LOGIN first", Result(1, [], ["Say LOGIN first"])),
+    ],
+)
+def test_reconnect_ends_on_a_refusal(
+    server: FakeServer, start_client: StartClient, answer: str, result: Result
+) -> None:
+    chat_client, peer = connect(server, start_client, extra=("-reconnect",))
+    peer.close()
+    trying_again(chat_client.stderr.next())
+    peer = server.accept()
+    peer.line()
+    peer.send(":hello chatroom 1", answer)
+    peer.close()
+    assert chat_client.finish() == result
+
+
+def test_reconnect_ends_on_another_protocol(server: FakeServer, start_client: StartClient) -> None:
+    chat_client, peer = connect(server, start_client, extra=("-reconnect",))
+    peer.send(":error shutdown The server is shutting down")
+    peer.close()
+    assert chat_client.stderr.next() == "The server is shutting down"
+    trying_again(chat_client.stderr.next())
+    peer = server.accept()
+    peer.line()
+    peer.send(":hello chatroom 2")
+    result = chat_client.finish()
+    assert (result.status, result.stdout, len(result.stderr)) == (1, [], 1)
+    assert "greeted with ':hello chatroom 2'" in result.stderr[0]
+
+
+def test_ctrl_c_while_waiting_to_reconnect(server: FakeServer, start_client: StartClient) -> None:
+    chat_client, peer = connect(server, start_client, extra=("-reconnect",))
+    peer.close()
+    trying_again(chat_client.stderr.next())
+    chat_client.signal(signal.SIGINT)
+    started = time.monotonic()
+    assert chat_client.finish() == Result(0, [], [])
+    assert time.monotonic() - started < 2
+
+
+def test_reconnect_not_after_exit(server: FakeServer, start_client: StartClient) -> None:
+    chat_client, peer = connect(server, start_client, extra=("-reconnect",))
+    chat_client.end_input()
+    assert peer.line() == b":Exit"
+    peer.close()  # without :bye
+    result = chat_client.finish()
+    assert result == Result(1, [], ["client.py: the server closed the connection"])
     server.assert_nobody_connected()
