@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 from harness import DEFAULT_TIMEOUT, Room, child_env
 
+import client
+
 pytestmark = pytest.mark.e2e
 
 CSI = re.compile(rb"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Z0-9]|\x1b[=>]")
@@ -33,9 +35,12 @@ CSI = re.compile(rb"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Z0-9]|\x1b[=>]")
 class Terminal:
     """A client whose stdin, stdout and controlling terminal are one pty."""
 
-    def __init__(self, argv: list[str], cwd: str, columns: int = 0) -> None:
+    def __init__(
+        self, argv: list[str], cwd: str, columns: int = 0, env_extra: dict[str, str] | None = None
+    ) -> None:
         master, slave = pty.openpty()
         env = child_env()
+        env.update(env_extra or {})
         if columns:  # a terminal of that width, which the client asks the pty for
             fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
             env.pop("COLUMNS", None)
@@ -209,6 +214,35 @@ def test_a_wrapped_line_continues_indented_on_a_terminal(room: Room) -> None:
         rows = term.text().split("\n")
         assert "bob: ok" + " " * 73 in rows  # the first row, exactly 80 columns
         assert not any(row.startswith(FAKE_ROW) for row in rows), term.text()
+        term.type(":Exit\r")
+        status, err = term.finish()
+        assert (status, err) == (0, ""), term.text()
+    finally:
+        term.close()
+
+
+# --- colours on a terminal, none with NO_COLOR -----------------------------------------
+
+SGR = re.compile(rb"\x1b\[[0-9;]*m")
+
+
+@pytest.mark.parametrize("no_color", ["", "1"])
+def test_names_in_colour_on_a_terminal_unless_no_color(room: Room, no_color: str) -> None:
+    room.start_server()
+    bob = room.join("bob")
+    term = Terminal(room._py("client.py") + room.client_args("alice"), str(room.client_dir),
+                    env_extra={"NO_COLOR": no_color, "TERM": "xterm"})
+    try:
+        enter_the_room(room, term)
+        bob.send("hi alice")
+        bob.send(":Msg alice psst")
+        term.wait_for_row("[Message from bob]: psst")
+        bob_in_colour = f"\x1b[{client.name_colour('bob')}mbob\x1b[39m".encode()
+        if no_color:
+            assert not SGR.search(term.screen), term.screen
+        else:
+            assert bob_in_colour + b": hi alice" in term.screen, term.screen
+            assert b"\x1b[1m[Message from " + bob_in_colour + b"]: psst\x1b[0m" in term.screen
         term.type(":Exit\r")
         status, err = term.finish()
         assert (status, err) == (0, ""), term.text()
