@@ -2,7 +2,7 @@
 """client.py: the chat room's client. Standard library only, Python 3.10+, POSIX.
 
     python3 client.py -join -host <host> -port <port> -username <username>
-                      -passcode <passcode> [-tls] [-tls-ca FILE]
+                      -passcode <passcode> [-tls] [-tls-ca FILE] [-reconnect]
 
 It speaks the wire protocol of docs/PROTOCOL.md and prints exactly the lines
 of docs/SPEC.md: the room's lines on stdout, anything else as one line on
@@ -10,12 +10,37 @@ stderr. Exit status: 0 after :Exit, end of input or Ctrl-C (SIGINT, SIGTERM,
 SIGHUP); 1 when the login is refused or the connection fails or is lost;
 2 for bad arguments.
 
+From a server with history (-history), the replay after the login is shown
+first: each :past line as `[<time>] <line>`, the time local (`16:05` today,
+`Dec 01 16:05` another day, `2025-12-01 16:05` another year; a live line
+cannot start so, since no name holds a `:`), then :here as the answer to
+:Users would be, `Active Users: a, b, c`.
+
+On a terminal, unless NO_COLOR is set and not empty or TERM is dumb, the
+lines on stdout are painted after they are sanitised: names in a colour of
+their own, private messages in bold, replayed lines dimmed. Anywhere else
+not one escape sequence is added, so the bytes are the contract's.
+
+With -reconnect, a connection lost or closed without :bye, unless :Exit had
+been sent on it, does not end the client: one line on stderr says so and
+when it tries again (after 1, 2, 4, 8, 16, then 30 s, give or take a
+quarter); it logs in again with the same name and passcode, says so on
+stderr, and shows of the new replay only what it has not shown (catch_up()).
+What is typed meanwhile is held and sent after the new login (the line being
+edited on a terminal is left alone). A refusal with a code that a retry
+cannot mend (passcode, bad-username, bad-login, name-taken, any code it does
+not know), another protocol or a certificate that does not verify ends it as
+the first login would; full, throttled, shutdown and login-timeout are tried
+again. Ctrl-C while it waits ends it at once with status 0.
+
 How the file is organised, top to bottom:
 
 1. The pure part, no I/O: the argument rules (the username rule is the
    server's, copied), sanitize(), classify() that turns one server line into
    an Event, LineSplitter that cuts the byte stream from the server into
-   Events, dropping over-long lines, and fold() for a terminal's width.
+   Events, dropping over-long lines, the history (past_time(), catch_up(),
+   History), retry_delay(), the colours (colour_wanted(), paint()), and
+   fold() for a terminal's width.
 2. Output: whole lines to stdout and stderr, one at a time, never raising.
    When stdin and stdout are both terminals, a line is printed above the line
    being typed, which readline then shows again. On a terminal, a line wider
@@ -26,8 +51,10 @@ How the file is organised, top to bottom:
 5. Link: after the login, one thread owns the socket and does all of its
    reading and writing in a selector loop (an SSL socket must never be read
    and written by two threads at once). It hands every line that arrives to
-   the Chat and sends what the Chat queues. When the connection ends it wakes
-   the main thread with a signal, since that thread may be blocked on stdin.
+   the Chat and sends what the Chat queues. With -reconnect it also connects
+   and logs in again (Dialer), in that thread, while the main thread goes on
+   taking what is typed. When the connection ends for good it wakes the main
+   thread with a signal, since that thread may be blocked on stdin.
 6. Chat: the main thread forwards what is typed (terminal, pipe or file)
    line by line; at the end of input, or after a typed :Exit, it has sent
    :Exit and waits for :bye, so every reply to what was sent gets printed.
