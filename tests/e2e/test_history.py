@@ -98,7 +98,10 @@ def test_the_file_keeps_public_lines_only_and_outlives_a_restart(room: Room,
     db = tmp_path / "room.db"
     server = room.start_server("-history", "20", "-history-db", str(db))
     alice = room.join("alice")
+    alice.expect("Active Users: alice")  # client.py shows the (empty) replay's :here
     bob = room.join("bob")
+    bob.expect_match(r"\[\d\d:\d\d\] alice joined the chatroom")
+    bob.expect("Active Users: alice, bob")
     room.say(alice, "kept for later")
     alice.send(":Msg bob not for the file")
     bob.expect("[Message from alice]: not for the file")
