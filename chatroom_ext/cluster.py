@@ -449,24 +449,24 @@ class RedisLog:
         found: list[tuple[str, dict[str, str], list[tuple[str, float, str]]]] = []
         count = 0
         oldest_ms = (time.time() - history.max_age) * 1000
-        top = self.last_id
-        while count < history.keep and top != "0-0":
+        top, more = self.last_id, self.last_id != "0-0"
+        while more and count < history.keep:
             reply: Any = await self.r.xrevrange(self.k_log, max=top, min="-", count=READ_COUNT)
             page: list[tuple[str, dict[str, str]]] = reply or []
+            more = len(page) == READ_COUNT
             for eid, f in page:
                 if stream_id(eid)[0] < oldest_ms:
-                    page = []
+                    more = False
                     break
                 kind, name = f.get("k", ""), f.get("u", "")
                 if kind in ("J", "T", "G") and name:
-                    lines = self._public(eid, f, self.host.decode(kind, name, f.get("x", ""),
-                                                                  f.get("t", "")))
+                    inp = self.host.decode(kind, name, f.get("x", ""), f.get("t", ""))
+                    lines = self._public(eid, f, inp)
                     found.append((eid, f, lines))
                     count += len(lines)
-            if len(page) < READ_COUNT:
-                break
-            ms, seq = stream_id(page[-1][0])
-            top = f"{ms}-{seq - 1}" if seq else f"{ms - 1}-{2 ** 64 - 1}"
+            if more:  # the next page ends just before this one's oldest entry
+                ms, seq = stream_id(page[-1][0])
+                top = f"{ms}-{seq - 1}" if seq else f"{ms - 1}-{2 ** 64 - 1}"
         history.clear()
         seen: dict[str, int] = {}
         for _eid, f, lines in reversed(found):
