@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, cast
 
 import pytest
-from cluster_harness import Cluster
+from cluster_harness import Cluster, RedisServer
 from harness import PASSCODE, Peer, Proc, expect_one_error_line
 
 if TYPE_CHECKING:  # imported where used: without redis-py the fixtures skip (fail under CI)
@@ -146,6 +146,46 @@ def test_a_lost_name_race_is_never_in_the_history(cluster: Cluster) -> None:
     assert replays[1][:-1] == replays[0]
     assert replays[2][:-2] == replays[0]
     cluster.assert_quiet(watcher)
+
+
+def test_lines_typed_while_redis_was_away_are_kept_once(persistent_redis: RedisServer) -> None:
+    """Alice's server shows her lines at once while Redis is down; they enter
+    the history once Redis has them, once, on every server."""
+    cluster = Cluster(persistent_redis.url)
+    try:
+        cluster.start_server("-history", "20")
+        cluster.start_server("-history", "20")
+        s0, s1 = cluster.servers
+        alice, _, _ = history_join(cluster, "alice", 0)
+        bob, _, _ = history_join(cluster, "bob", 1)
+        cluster.say(alice, "before")
+        persistent_redis.stop()
+        for server in cluster.live():
+            server.expect_err_line()  # "lost Redis ..."
+        during = [f"alice: during {i}" for i in range(3)]
+        for line in during:
+            alice.send(line.split(": ", 1)[1])
+            s0.expect(line)  # shown on alice's server at once
+        persistent_redis.start()
+        for server in cluster.live():
+            server.expect_err_line(timeout=15)  # "Redis is back ..."
+        for who in (s1, bob):
+            for line in during:
+                who.expect(line, timeout=15)
+        cluster.say(bob, "after")
+        want = ["alice joined the chatroom", "bob joined the chatroom", "alice: before",
+                *during, "bob: after"]
+        _, on_0, _ = history_join(cluster, "carol", 0)
+        assert lines_of(on_0) == want
+        _, on_1, _ = history_join(cluster, "dave", 1)
+        assert on_1[:-1] == on_0
+        cluster.start_server("-history", "20")
+        erin, on_2, _ = history_join(cluster, "erin", 2)
+        assert on_2[:-1] == on_1
+        cluster.assert_quiet(erin)
+    finally:
+        bad = cluster.close()
+    assert not bad, "a process printed a traceback:\n" + "\n".join(bad)
 
 
 def fill(r: redis.Redis, n: int) -> None:
