@@ -1010,8 +1010,10 @@ class History:
 
     Pure: the time is passed in. Ids are `prefix` and a counter from `first`;
     the prefix tells one history from another (a restart without a file
-    starts a new one), so an id never names two lines. Lines recorded and
-    not yet saved wait in `unsaved` for whoever keeps them on disk.
+    starts a new one), so an id never names two lines. A cluster's log
+    records its lines under ids of its own (the log entry's), the same on
+    every server. Lines recorded and not yet saved wait in `unsaved` for
+    whoever keeps them on disk.
     """
 
     def __init__(self, keep: int, max_age: float, prefix: str, first: int = 1,
@@ -1084,7 +1086,9 @@ class RoomLog(Protocol):
     Alone, the core applies each input as it is made. A log (the Redis
     cluster) takes them instead, and hands every input of the room, this
     server's and the others', back to Hub.apply in the one order all
-    servers share: the same path, with the log in the middle."""
+    servers share: the same path, with the log in the middle. With a log,
+    the log also keeps the room's history (Hub.history): it knows each
+    line's place in that order."""
 
     node: str  # this server's name among the log's servers; it prefixes login tickets
 

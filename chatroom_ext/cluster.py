@@ -35,6 +35,11 @@ short, for the code below:
   is told so and disconnected.
 - If Redis lost the room's data (the `epoch` key changed) or trimmed entries
   a server had not read, that server resynchronises from a snapshot.
+- History (`-history N`): the log's public lines. Each server records those
+  of every entry it applies, named by the entry's id, and at start or after a
+  resync reads the log's tail backwards for them. An entry's lines are worked
+  out from the entry alone (SUBMIT marks a Joining that lost its name), so
+  every server keeps the same lines, ids and times.
 """
 
 from __future__ import annotations
