@@ -694,6 +694,17 @@ class Room:
         return [Log(line), Deliver(line, skip=event.name)]
 
 
+def public_lines(inp: Input) -> list[str]:
+    """The public lines (Deliver to everyone) `inp` gives in a room where it
+    takes effect: a Typed or a Gone from a member, a Joining of a free name.
+    What a history keeps of it, from the input alone, so that servers of a
+    cluster agree on it whatever each holds (chatroom_ext.cluster)."""
+    room = Room("")
+    if not isinstance(inp, Joining):
+        room.join(inp.name)
+    return [out.line for out in room.step(inp) if type(out) is Deliver and out.to is None]
+
+
 class LoginThrottle:
     """Wrong-passcode throttling per address, in bounded memory.
 
@@ -999,8 +1010,10 @@ class History:
 
     Pure: the time is passed in. Ids are `prefix` and a counter from `first`;
     the prefix tells one history from another (a restart without a file
-    starts a new one), so an id never names two lines. Lines recorded and
-    not yet saved wait in `unsaved` for whoever keeps them on disk.
+    starts a new one), so an id never names two lines. A cluster's log
+    records its lines under ids of its own (the log entry's), the same on
+    every server. Lines recorded and not yet saved wait in `unsaved` for
+    whoever keeps them on disk.
     """
 
     def __init__(self, keep: int, max_age: float, prefix: str, first: int = 1,
@@ -1019,12 +1032,20 @@ class History:
     def __len__(self) -> int:
         return len(self._lines)
 
-    def record(self, line: str, when: float) -> None:
-        past = Past(f"{self.prefix}{self.next}", when, line)
+    def record(self, line: str, when: float, id: str | None = None) -> None:
+        """Keep `line`, said at `when`, under the next id, or under `id` when
+        the line's id comes from elsewhere (a cluster's log names each line)."""
+        past = Past(f"{self.prefix}{self.next}" if id is None else id, when, line)
         self.next += 1
         self._lines.append(past)
         if self.saving:
             self.unsaved.append(past)
+
+    def clear(self) -> None:
+        """Forget every line (a cluster reloads its history from the log)."""
+        self._lines.clear()
+        self.unsaved.clear()
+        self.next += 1  # the replay is built again
 
     def lines(self, now: float) -> list[Past]:
         """The kept lines not older than max_age at `now`, oldest first."""
@@ -1065,7 +1086,9 @@ class RoomLog(Protocol):
     Alone, the core applies each input as it is made. A log (the Redis
     cluster) takes them instead, and hands every input of the room, this
     server's and the others', back to Hub.apply in the one order all
-    servers share: the same path, with the log in the middle."""
+    servers share: the same path, with the log in the middle. With a log,
+    the log also keeps the room's history (Hub.history): it knows each
+    line's place in that order."""
 
     node: str  # this server's name among the log's servers; it prefixes login tickets
 
@@ -1128,6 +1151,10 @@ class Core:
         self.room = room
         self.limits = limits
         self.history = history
+        # Alone, the core records each public line as it routes it. With a log
+        # the log records them: it names each line by its place in the room's
+        # order and knows when it was said, the same on every server.
+        self._recorder = history if log is None else None
         self.outbox = Outbox()
         self.throttle = LoginThrottle(limits.login_failures, limits.failure_window)
         self.node = "local" if log is None else log.node
@@ -1464,8 +1491,8 @@ class Core:
                 data = out.line.encode() + b"\n"
                 if out.to is None:
                     outbox.broadcast(data, None if out.skip is None else members.get(out.skip))
-                    if self.history is not None:
-                        self.history.record(out.line, self._now)
+                    if self._recorder is not None:
+                        self._recorder.record(out.line, self._now)
                 elif out.to in members:
                     outbox.send(members[out.to], data)
             elif type(out) is Log:
@@ -1978,6 +2005,16 @@ class Hub:
         """Is `inp` a member's :Exit?"""
         return isinstance(inp, Typed) and isinstance(parse_command(inp.text), Exit)
 
+    @property
+    def history(self) -> History | None:
+        """The room's last public lines, if kept (-history): the log records them."""
+        return self.core.history
+
+    @staticmethod
+    def public_lines(inp: Input) -> list[str]:
+        """What the history keeps of an input that takes effect."""
+        return public_lines(inp)
+
     # -- writing ---------------------------------------------------------------
 
     def _queued(self) -> None:
@@ -2181,7 +2218,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("-history-days", type=positive(float), default=7.0, metavar="DAYS",
                    help="... none older than this (default 7)")
     p.add_argument("-history-db", metavar="FILE",
-                   help="keep the history in this SQLite file, so that it outlives a restart")
+                   help="keep the history in this SQLite file, so that it outlives a restart "
+                        "(not with -redis: a cluster's history is in Redis)")
     p.add_argument("-uvloop", action="store_true",
                    help="run on uvloop (needs chatroom_ext and the uvloop package)")
     return p
@@ -2345,6 +2383,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.history_db is not None:
             if not args.history:
                 raise UsageError("-history-db keeps the history: it needs -history above 0")
+            if args.redis:  # the log is the history: a file would be one server's copy
+                raise UsageError("-history-db: in a cluster the history is kept in Redis")
             HistoryFile(args.history_db, args.history, 0).close()  # a bad file fails here
         tls = tls_context(args.tls_cert, args.tls_key)
         cluster: type[RedisLog] | None = None

@@ -35,6 +35,11 @@ short, for the code below:
   is told so and disconnected.
 - If Redis lost the room's data (the `epoch` key changed) or trimmed entries
   a server had not read, that server resynchronises from a snapshot.
+- History (`-history N`): the log's public lines. Each server records those
+  of every entry it applies, named by the entry's id, and at start or after a
+  resync reads the log's tail backwards for them. An entry's lines are worked
+  out from the entry alone (SUBMIT marks a Joining that lost its name), so
+  every server keeps the same lines, ids and times.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import re
 import secrets
 import socket
 import sys
+import time
 from collections import deque
 from collections.abc import Sequence
 from itertools import islice
@@ -57,7 +63,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 if TYPE_CHECKING:  # server.py runs as __main__: its types, for the checker only
-    from server import Input, Output, Room
+    from server import History, Input, Output, Room
 
 PREFIX = "chatroom:"  # every key the cluster uses starts with this
 HEARTBEAT_TTL_MS = 6000  # a server whose heartbeat is this old is dead
@@ -125,8 +131,12 @@ for i = 4, #ARGV, 6 do
     if n > 0 then last = n end
     local who = owner(members, key)
     if kind == 'J' then
-      if not who then join(key, name) end
-      add('n', node, 's', seq, 'k', 'J', 'u', name, 'x', x)
+      if not who then
+        join(key, name)
+        add('n', node, 's', seq, 'k', 'J', 'u', name, 'x', x)
+      else  -- every server turns it away; r tells a reader of the log so
+        add('n', node, 's', seq, 'k', 'J', 'u', name, 'x', x, 'r', '1')
+      end
     elseif who and who ~= node then
       status = -2
     elseif kind == 'R' then
@@ -260,6 +270,9 @@ class Host(Protocol):
     def decode(self, kind: str, name: str, extra: str, when: str) -> Input: ...
     def key(self, name: str) -> str: ...  # the name as the room compares names
     def leaves(self, inp: Input) -> bool: ...  # a member's :Exit?
+    @property
+    def history(self) -> History | None: ...  # the room's last public lines, if kept (-history)
+    def public_lines(self, inp: Input) -> list[str]: ...  # what it keeps of an input that counts
 
 
 class RedisLog:
@@ -306,6 +319,7 @@ class RedisLog:
         self.idle.set()
         self.task: asyncio.Task[None] | None = None
         self.gen = 0  # the current session; older loops stop when it moves on
+        self.history_stale = False  # the history must be read again from the log
         self.loop = asyncio.get_running_loop()
 
     @property
@@ -397,12 +411,77 @@ class RedisLog:
             if s in self.preapplied:  # shown here during an outage
                 self.preapplied.discard(s)
                 host.room.step(inp)
+                self._record(eid, f, inp)
                 return
         host.apply(inp)
+        self._record(eid, f, inp)
         if kind == "G" and not node and host.here(name):
             # Another server declared this server dead and its member gone;
             # it is here and well: put it back in the room.
             self._queue("R", name)
+
+    # -- the history: the log's public lines ------------------------------------------
+
+    def _public(self, eid: str, f: dict[str, str], inp: Input) -> list[tuple[str, float, str]]:
+        """The public lines of entry `eid` as the history keeps them: (id,
+        time, line), from the entry alone (every entry in the log takes effect
+        but a Joining marked `r`), so every server keeps the same. The id is
+        the entry's ("<ms>-<seq>"; a second line of one input adds ".1"); the
+        time is when the line was typed (`t`), else when Redis took it."""
+        if f.get("r"):
+            return []
+        lines = self.host.public_lines(inp)
+        if not lines:
+            return []
+        when = float(f.get("t") or 0) or stream_id(eid)[0] / 1000
+        return [(eid if i == 0 else f"{eid}.{i}", when, line) for i, line in enumerate(lines)]
+
+    def _record(self, eid: str, f: dict[str, str], inp: Input) -> None:
+        """Entry `eid` was applied: keep its public lines, if history is kept."""
+        history = self.host.history
+        if history is not None:
+            for pid, when, line in self._public(eid, f, inp):
+                history.record(line, when, pid)
+
+    async def _load_history(self) -> None:
+        """Fill the history from the log, up to the last entry applied: its
+        newest public lines, read backwards a page at a time until there are
+        enough, or the entries are older than the history keeps, or the log
+        (trimmed to STREAM_MAXLEN) ends."""
+        history = self.host.history
+        if history is None:
+            return
+        found: list[tuple[str, dict[str, str], list[tuple[str, float, str]]]] = []
+        count = 0
+        oldest_ms = (time.time() - history.max_age) * 1000
+        top, more = self.last_id, self.last_id != "0-0"
+        while more and count < history.keep:
+            reply: Any = await self.r.xrevrange(self.k_log, max=top, min="-", count=READ_COUNT)
+            page: list[tuple[str, dict[str, str]]] = reply or []
+            more = len(page) == READ_COUNT
+            for eid, f in page:
+                if stream_id(eid)[0] < oldest_ms:
+                    more = False
+                    break
+                kind, name = f.get("k", ""), f.get("u", "")
+                if kind in ("J", "T", "G") and name:
+                    inp = self.host.decode(kind, name, f.get("x", ""), f.get("t", ""))
+                    lines = self._public(eid, f, inp)
+                    found.append((eid, f, lines))
+                    count += len(lines)
+            if more:  # the next page ends just before this one's oldest entry
+                ms, seq = stream_id(page[-1][0])
+                top = f"{ms}-{seq - 1}" if seq else f"{ms - 1}-{2 ** 64 - 1}"
+        history.clear()
+        seen: dict[str, int] = {}
+        for _eid, f, lines in reversed(found):
+            node, s = f.get("n", ""), int(f.get("s") or 0)
+            if node and s:  # a duplicate that slipped through counts once, as the reader does
+                if s <= seen.get(node, 0):
+                    continue
+                seen[node] = s
+            for pid, when, line in lines:
+                history.record(line, when, pid)
 
     async def _reader(self, gen: int) -> None:
         while gen == self.gen:
@@ -503,6 +582,10 @@ class RedisLog:
             if self.epoch:
                 say("Redis no longer holds what this server last read; resynchronising")
             self._resync(epoch, last, int(added or 0), flat)
+            self.history_stale = True
+        if self.history_stale:  # (also when the last try failed half-way)
+            await self._load_history()
+            self.history_stale = False
         for name in self.host.names_here():
             self._queue("R", name)
         self.online = True
