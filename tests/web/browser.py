@@ -109,9 +109,10 @@ class ChatPage:
     def text(self, selector: str) -> str:
         return str(self.page.text_content(selector) or "")
 
-    def expect_status(self, text: str) -> None:
+    def expect_status(self, text: str, timeout_ms: float = TIMEOUT_MS) -> None:
         self.page.wait_for_function(
-            "t => document.getElementById('status').textContent === t", arg=text)
+            "t => document.getElementById('status').textContent === t", arg=text,
+            timeout=timeout_ms)
 
     def next_line(self, where: str = "#lines") -> str:
         """The next line in the room (or in the private messages, `#private`),
@@ -152,8 +153,9 @@ class ChatPage:
         assert self.errors == [], f"{self.label}: script errors: {self.errors}"
         blocked = self.page.evaluate("window.__blocked")
         assert blocked == [], f"{self.label}: the policy blocked {blocked}"
-        stray = self.page.evaluate(
-            "document.querySelectorAll('#lines *:not(.line), #private *:not(.line)').length")
+        stray = self.page.evaluate(  # the only elements in a line: a replayed line's time
+            "document.querySelectorAll('#lines *:not(.line, .line.past > time.when),"
+            " #private *:not(.line)').length")
         assert stray == 0, f"{self.label}: elements inside the lines"
 
     def screenshot(self, path: str) -> None:

@@ -234,32 +234,49 @@ def test_the_page_survives_the_server_going_away(
     alice.join("alice", PASSCODE)
     web.proc.expect("alice joined the chatroom")
 
-    # Shut down: the server says so.
+    # Shut down: the server says so, and the page tries again by itself.
     web.proc.signal(signal.SIGTERM)
-    alice.expect_visible("#lost", "The server is shutting down")
+    alice.expect_visible("#lost", "The server is shutting down. Trying again in")
+    alice.expect_status("reconnecting…")
     assert web.proc.wait() == 0
-    assert alice.page.is_disabled("#say")
-
-    # Rejoin fails while nobody listens, and says so.
+    assert alice.text("#rejoin") == "Try now"
+    # The message box stays usable; nothing is sent while away, the text stays.
+    assert alice.page.is_enabled("#say") and alice.page.is_disabled("#send")
+    alice.type("typed while away")
+    assert alice.page.input_value("#say") == "typed while away"
+    # Trying now while nobody listens fails and the page keeps trying.
     alice.page.click("#rejoin")
-    alice.expect_visible("#login-error", "Could not join")
+    alice.expect_visible("#lost", "Trying again in")
+    assert not alice.page.is_visible("#login")
 
-    # A new server on the same ports; the form still holds the name.
+    # A new server on the same ports: the page gets back in by itself (its
+    # pauses grow to 2 and 4 s by now, hence the longer wait).
     restarted = WebServer.start(room, tls=None, web_port=web.web_port)
-    alice.page.click("#join")
-    alice.expect_status("in the room as alice")
+    alice.expect_status("in the room as alice", timeout_ms=40_000)
     restarted.proc.expect("alice joined the chatroom")
+    restarted.proc.expect("alice: searched up active users")
+    assert alice.page.input_value("#say") == "typed while away"
+    assert not alice.page.is_visible("#lost")
+    alice.page.press("#say", "Enter")
+    restarted.proc.expect("alice: typed while away")
 
-    # Killed outright: the page notices the lost connection and offers to rejoin.
+    # Killed outright: the page notices the lost connection and comes back.
     restarted.proc.kill()
-    alice.expect_visible("#lost", "Lost the connection to the server")
+    alice.expect_visible("#lost", "Lost the connection to the server. Trying again in")
     again = WebServer.start(room, tls=None, web_port=web.web_port)
-    alice.page.click("#rejoin")
-    alice.expect_status("in the room as alice")
+    alice.expect_status("in the room as alice", timeout_ms=40_000)
     again.proc.expect("alice joined the chatroom")
     again.proc.expect("alice: searched up active users")
     alice.type("still here")
     again.proc.expect("alice: still here")
+
+    # A refusal ends the retries: back to the login form, as for a first login.
+    again.proc.kill()
+    alice.expect_visible("#lost", "Lost the connection to the server")
+    WebServer.start(room, tls=None, web_port=web.web_port, passcode="other")
+    alice.expect_visible("#login-error", "Wrong passcode")
+    alice.expect_status("not connected")
+    assert not alice.page.is_visible("#lost")
 
 
 def test_the_page_over_https_and_wss(chromium: Any, pages: list[ChatPage], room: Room,

@@ -54,8 +54,8 @@ class WebServer:
 
     @classmethod
     def start(cls, room: Room, *extra: str, tls: ssl.SSLContext | None = None,
-              web_port: int = 0) -> WebServer:
-        room.start_server("-web", str(web_port), *extra)
+              web_port: int = 0, passcode: str | None = None) -> WebServer:
+        room.start_server("-web", str(web_port), *extra, passcode=passcode)
         server = room.server
         assert server is not None
         line = server.expect_err_line()
