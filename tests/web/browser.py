@@ -66,11 +66,12 @@ def launch() -> Iterator[Any]:
 class ChatPage:
     """One browser tab on the chat page."""
 
-    def __init__(self, browser: Any, url: str, label: str, ignore_https_errors: bool = False
-                 ) -> None:
+    def __init__(self, browser: Any, url: str, label: str, ignore_https_errors: bool = False,
+                 timezone_id: str | None = None) -> None:
         self.label = label
         self.context = browser.new_context(ignore_https_errors=ignore_https_errors,
-                                           viewport={"width": 900, "height": 600})
+                                           viewport={"width": 900, "height": 600},
+                                           timezone_id=timezone_id)
         self.page = self.context.new_page()
         self.page.set_default_timeout(TIMEOUT_MS)
         self.dialogs: list[str] = []
@@ -114,18 +115,36 @@ class ChatPage:
             "t => document.getElementById('status').textContent === t", arg=text,
             timeout=timeout_ms)
 
-    def next_line(self, where: str = "#lines") -> str:
+    def next_item(self, where: str = "#lines", timeout_ms: float = TIMEOUT_MS
+                  ) -> dict[str, str]:
         """The next line in the room (or in the private messages, `#private`),
-        skipping the page's echo of what this person typed."""
+        skipping the page's echo of what this person typed: its `text`, its
+        `class`, and for a replayed line the server's time (`when`)."""
         while True:
             index = self.read[where]
             self.page.wait_for_function(
                 "([w, i]) => document.querySelectorAll(w + ' > .line').length > i",
-                arg=[where, index])
+                arg=[where, index], timeout=timeout_ms)
             self.read[where] = index + 1
-            item = self.page.locator(f"{where} > .line").nth(index)
-            if "mine" not in (item.get_attribute("class") or ""):
-                return str(item.text_content())
+            item: dict[str, str] = self.page.evaluate(
+                "([w, i]) => { const e = document.querySelectorAll(w + ' > .line')[i];"
+                " const t = e.querySelector(':scope > time.when');"
+                " return {text: e.textContent, class: e.className,"
+                " when: t ? t.dateTime : ''}; }", [where, index])
+            if "mine" not in item["class"].split():
+                return item
+
+    def next_line(self, where: str = "#lines", timeout_ms: float = TIMEOUT_MS) -> str:
+        """The text of next_item."""
+        return self.next_item(where, timeout_ms)["text"]
+
+    def room_lines(self) -> list[str]:
+        """Every line in the room now, the page's echoes included, replayed
+        lines without their time."""
+        return [str(t) for t in self.page.evaluate(
+            "[...document.querySelectorAll('#lines > .line')].map(e => [...e.childNodes]"
+            ".filter(n => !(n.nodeType === 1 && n.matches('time.when')))"
+            ".map(n => n.textContent).join(''))")]
 
     def expect_line(self, text: str, where: str = "#lines") -> None:
         got = self.next_line(where)
