@@ -228,6 +228,12 @@ def test_a_page_of_another_origin_cannot_open_the_websocket(
     web.proc.expect("alice joined the chatroom")
 
 
+def try_now(page: ChatPage) -> None:
+    """Press "Try now" (or nothing, if the page got back in meanwhile: the
+    button is pressed by script, since it is hidden then)."""
+    page.page.evaluate("document.getElementById('rejoin').click()")
+
+
 def test_the_page_survives_the_server_going_away(
         chromium: Any, pages: list[ChatPage], web: WebServer, room: Room) -> None:
     alice = tab(pages, chromium, web, "alice")
@@ -260,10 +266,12 @@ def test_the_page_survives_the_server_going_away(
     alice.page.press("#say", "Enter")
     restarted.proc.expect("alice: typed while away")
 
-    # Killed outright: the page notices the lost connection and comes back.
+    # Killed outright at once: the page notices the lost connection; its pauses
+    # keep growing (it was back for less than 30 s), so "Try now" it is.
     restarted.proc.kill()
     alice.expect_visible("#lost", "Lost the connection to the server. Trying again in")
     again = WebServer.start(room, tls=None, web_port=web.web_port)
+    try_now(alice)
     alice.expect_status("in the room as alice", timeout_ms=40_000)
     again.proc.expect("alice joined the chatroom")
     again.proc.expect("alice: searched up active users")
@@ -273,10 +281,32 @@ def test_the_page_survives_the_server_going_away(
     # A refusal ends the retries: back to the login form, as for a first login.
     again.proc.kill()
     alice.expect_visible("#lost", "Lost the connection to the server")
+    alice.expect_visible("#lost", "Trying again in")
     WebServer.start(room, tls=None, web_port=web.web_port, passcode="other")
+    try_now(alice)
     alice.expect_visible("#login-error", "Wrong passcode")
     alice.expect_status("not connected")
     assert not alice.page.is_visible("#lost")
+
+
+def test_a_full_server_is_tried_again_not_taken_for_a_refusal(
+        chromium: Any, pages: list[ChatPage], web: WebServer, room: Room) -> None:
+    alice = tab(pages, chromium, web, "alice")
+    alice.join("alice", PASSCODE)
+    web.proc.expect("alice joined the chatroom")
+    web.proc.kill()
+    alice.expect_visible("#lost", "Lost the connection to the server. Trying again in")
+    # Back, with room for one connection, taken by bob.
+    WebServer.start(room, "-max-clients", "1", tls=None, web_port=web.web_port)
+    bob = room.nc_join("bob")
+    try_now(alice)
+    alice.expect_visible("#lost", "The server did not let the page in: The server is full")
+    alice.expect_visible("#lost", "Trying again in")
+    assert not alice.page.is_visible("#login")
+    room.leave(bob)
+    try_now(alice)
+    alice.expect_status("in the room as alice", timeout_ms=40_000)
+    web.proc.expect("alice joined the chatroom")
 
 
 def test_the_page_over_https_and_wss(chromium: Any, pages: list[ChatPage], room: Room,
