@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from browser import launch
+from browser import ChatPage, launch
 from harness import PROGRAM_DIR, Room
 from webwire import WebServer
 
@@ -35,3 +35,13 @@ def web(room: Room) -> Iterator[WebServer]:
     server = WebServer.start(room)
     yield server
     server.close()
+
+
+@pytest.fixture
+def pages(chromium: Any) -> Iterator[list[ChatPage]]:
+    """Every tab a test opens, closed (and checked for safety) at its end."""
+    opened: list[ChatPage] = []
+    yield opened
+    for page in opened:
+        page.assert_safe()
+        page.close()

@@ -28,16 +28,6 @@ XSS = ["<img src=x onerror=alert(1)>", "<script>alert(1)</script>",
        "<b onmouseover=alert(1)>bold</b> &amp; &lt;", "__proto__", "constructor"]
 
 
-@pytest.fixture
-def pages(chromium: Any) -> Iterator[list[ChatPage]]:
-    """Every tab a test opens, closed (and checked for safety) at its end."""
-    opened: list[ChatPage] = []
-    yield opened
-    for page in opened:
-        page.assert_safe()
-        page.close()
-
-
 def tab(pages: list[ChatPage], chromium: Any, web: WebServer, label: str,
         **kw: Any) -> ChatPage:
     page = ChatPage(chromium, web.page_url, label, **kw)

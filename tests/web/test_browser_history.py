@@ -7,7 +7,6 @@ its server and found it again by itself.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,16 +23,6 @@ XSS = ["<img src=x onerror=alert(1)>", "<script>alert(1)</script>",
        "<b onmouseover=alert(1)>bold</b> &amp; &lt;"]
 ZONE = "Asia/Kolkata"  # UTC+05:30: local time is not UTC with the date cut off
 RECONNECT_MS = 40_000  # the page's pauses between tries grow: 1, 2, 4, 8 s ...
-
-
-@pytest.fixture
-def pages(chromium: Any) -> Iterator[list[ChatPage]]:
-    """Every tab a test opens, closed (and checked for safety) at its end."""
-    opened: list[ChatPage] = []
-    yield opened
-    for page in opened:
-        page.assert_safe()
-        page.close()
 
 
 def tab(pages: list[ChatPage], chromium: Any, web: WebServer, label: str) -> ChatPage:
