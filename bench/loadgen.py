@@ -51,6 +51,7 @@ import multiprocessing
 import os
 import re
 import resource
+import select
 import socket
 import struct
 import sys
@@ -472,31 +473,35 @@ class WorkerBase:
             self.cmds.put_nowait(("close",))
 
     async def serve_commands(self) -> None:
-        while True:
-            cmd = await self.cmds.get()
-            if cmd[0] == "go":
-                self.go_window = (cmd[1], cmd[2])
-            elif cmd[0] == "cpu":
-                self.conn.send(("cpu", cpu_seconds_self()))
-            elif cmd[0] == "collect":
-                sent = cmd[1]
-                lat: list[int] = []
-                for p in self.parsers:
-                    lat += p.latencies
-                if len(lat) > MAX_LATENCIES:
-                    lat = lat[:: len(lat) // MAX_LATENCIES + 1]
-                self.conn.send(("res", {
-                    "receivers": len(self.counts),
-                    "delivered": sum(self.counts),
-                    "lost": sum(max(0, sent - c) for c in self.counts),
-                    "duplicated": sum(max(0, c - sent) for c in self.counts),
-                    "out_of_order": sum(p.out_of_order for p in self.parsers),
-                    "parsed_lines": sum(p.lines for p in self.parsers),
-                    "stamp_fallbacks": sum(r.fallbacks for r in self.stamped),
-                    "latencies": array.array("q", lat).tobytes(),
-                }))
-            elif cmd[0] == "close":
-                return
+        while self.command(await self.cmds.get()):
+            pass
+
+    def command(self, cmd: tuple[Any, ...]) -> bool:
+        """Do one of the conductor's commands; False when it says close."""
+        if cmd[0] == "go":
+            self.go_window = (cmd[1], cmd[2])
+        elif cmd[0] == "cpu":
+            self.conn.send(("cpu", cpu_seconds_self()))
+        elif cmd[0] == "collect":
+            sent = cmd[1]
+            lat: list[int] = []
+            for p in self.parsers:
+                lat += p.latencies
+            if len(lat) > MAX_LATENCIES:
+                lat = lat[:: len(lat) // MAX_LATENCIES + 1]
+            self.conn.send(("res", {
+                "receivers": len(self.counts),
+                "delivered": sum(self.counts),
+                "lost": sum(max(0, sent - c) for c in self.counts),
+                "duplicated": sum(max(0, c - sent) for c in self.counts),
+                "out_of_order": sum(p.out_of_order for p in self.parsers),
+                "parsed_lines": sum(p.lines for p in self.parsers),
+                "stamp_fallbacks": sum(r.fallbacks for r in self.stamped),
+                "latencies": array.array("q", lat).tobytes(),
+            }))
+        elif cmd[0] == "close":
+            return False
+        return True
 
 
 class BulkWorker(WorkerBase):
@@ -507,6 +512,7 @@ class BulkWorker(WorkerBase):
         self.clients: list[Client] = []
         k = min(w.sampled, count) if probe_chan is not None else 0
         self.sampled = {j * count // k for j in range(k)} if k else set()
+        self.mine: list[Client] = []  # the receivers this worker counts, in self.counts' order
 
     def make(self, i: int) -> Client:
         w = self.w
@@ -527,27 +533,12 @@ class BulkWorker(WorkerBase):
             return c
         j = len(self.counts)
         self.counts.append(0)
-        counts, loop, worker = self.counts, self.loop, self
-        quickack: Any = None
+        self.mine.append(c)
 
-        def fast(data: bytes) -> None:  # becomes c.data_received once it is in
-            counts[j] += data.count(MARK)
-            if quickack:
-                quickack(IPPROTO_TCP, TCP_QUICKACK, 1)
-            if not worker.scheduled:
-                worker.scheduled = True
-                loop.call_soon(worker.flush)
+        def hot(data: bytes, t: int) -> None:  # until the pump takes over
+            self.counts[j] += data.count(MARK)
 
-        def joined(client: Client, err: str | None) -> None:
-            nonlocal quickack
-            if err is None and client.transport is not None:
-                if w.quickack:
-                    ts = client.transport.get_extra_info("socket")
-                    quickack = getattr(ts, "_sock", ts).setsockopt
-                client.data_received = fast  # type: ignore[method-assign]
-
-        c._joined = joined
-        c.hot = lambda data, t: fast(data)
+        c.hot = hot
         return c
 
     async def run(self) -> None:
@@ -562,13 +553,73 @@ class BulkWorker(WorkerBase):
             self.conn.send(("err", str(exc)))
             return
         self.conn.send(("ready", t0, max((c.t_in for c in self.clients), default=t0)))
-        self.flush()
         try:
-            await self.serve_commands()
+            self.pump()
         finally:
             for c in self.clients:
                 if c.transport is not None:
                     c.transport.abort()
+
+    def pump(self) -> None:
+        """Everyone is in: from here on a plain epoll loop, not asyncio, reads
+        the receivers. Each ready socket is read once per wakeup into one
+        buffer, its marks counted in C (bytearray.count); after each wakeup
+        the worker's progress goes to the conductor if it grew."""
+        self.loop.remove_reader(self.conn.fileno())
+        socks: dict[int, tuple[int, socket.socket]] = {}
+        for j, c in enumerate(self.mine):
+            assert c.transport is not None
+            c.transport.pause_reading()  # asyncio lets go; the kernel keeps what is unread
+            sock = socket.fromfd(c.transport.get_extra_info("socket").fileno(),
+                                 socket.AF_INET, socket.SOCK_STREAM)  # a dup: ours to close
+            sock.setblocking(False)
+            socks[sock.fileno()] = (j, sock)
+        ep = select.epoll()
+        for fd in socks:
+            ep.register(fd, select.EPOLLIN)
+        conn_fd = self.conn.fileno()
+        ep.register(conn_fd, select.EPOLLIN)
+        buf = bytearray(1 << 18)
+        counts, quickack = self.counts, self.w.quickack
+        try:
+            while not self.cmds.empty():  # any that came while it was connecting
+                if not self.command(self.cmds.get_nowait()):
+                    return
+            self.flush()
+            while True:
+                for fd, _ev in ep.poll():
+                    if fd == conn_fd:
+                        if not self.commands():
+                            return
+                        continue
+                    j, sock = socks[fd]
+                    try:
+                        n = sock.recv_into(buf)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError:
+                        n = 0
+                    if not n:  # closed: what it got stays counted
+                        ep.unregister(fd)
+                        continue
+                    counts[j] += buf.count(MARK, 0, n)
+                    if quickack:
+                        sock.setsockopt(IPPROTO_TCP, TCP_QUICKACK, 1)
+                self.flush()
+        finally:
+            ep.close()
+            for _j, sock in socks.values():
+                sock.close()
+
+    def commands(self) -> bool:
+        """Answer the conductor's commands waiting in the pipe; False on close."""
+        try:
+            while self.conn.poll():
+                if not self.command(self.conn.recv()):
+                    return False
+        except (EOFError, OSError):
+            return False
+        return True
 
 
 class ProbeWorker(WorkerBase):
