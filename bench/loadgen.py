@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Load generator for the chat room (docs/PROTOCOL.md) and, with the same
 workload, for an IRC server (RFC 2812 as ngircd speaks it). Standard library
-only; many clients from one process, on asyncio Protocols.
+only; many clients from one process, on asyncio Protocols until they are in
+the room (then most receivers are read by a plain epoll loop, see below).
 
 The workload: N receivers and S senders join one room (`#bench` on IRC), then
 the senders send lines of the form `^<sender> <seq> <time.time_ns()>`. Every
@@ -17,13 +18,20 @@ receiver must get every line, in each sender's order.
 
 Processes: the conductor (this process: the senders, the window, the clock),
 bulk workers (--procs) that connect the receivers and count the `^` marks
-each reads (one C call per read; `^` appears once in each bench line and
-nowhere else), and a probe worker. Once in the room, `sampled` receivers of
-each bulk worker, spread evenly over its join order, are handed to the probe
-(their sockets go over SCM_RIGHTS). The probe parses every line: latency from
-the send stamp to the kernel's receive stamp (SO_TIMESTAMPNS, when the server
-wrote the bytes), and each sender's sequence numbers. Loss (or duplication)
-is checked at EVERY receiver by count; order at the sampled ones.
+each reads (`^` appears once in each bench line and nowhere else), and a
+probe worker. Once in the room, `sampled` receivers of each bulk worker,
+spread evenly over its join order, are handed to the probe (their sockets go
+over SCM_RIGHTS). The probe parses every line: latency from the send stamp to
+the kernel's receive stamp (SO_TIMESTAMPNS, when the server wrote the bytes),
+and each sender's sequence numbers. Loss (or duplication) is checked at EVERY
+receiver by count; order at the sampled ones.
+
+Reading the receivers is most of the generator's work (in a room of 1,000,
+a line sent is 1,000 lines to read), so once all of a bulk worker's
+receivers are in, it leaves asyncio for a loop of its own (BulkWorker.pump):
+per ready socket one recv_into() into one buffer and one C call to count the
+marks, no Python work per line; after each wakeup, its progress goes to the
+conductor if it grew.
 
 Also here: `run_joincheck`, which connects many clients to one room and
 checks every join notice reached everyone who joined before it, to the byte.
