@@ -705,6 +705,11 @@ class StampedReader:
         self.on_data, self.stamps = on_data, stamps
         self.loop: asyncio.AbstractEventLoop | None = None
         self.fallbacks = 0  # reads that came without a kernel stamp
+        # recvmsg(262144) would cost an mmap() and munmap() of 256 KiB per
+        # read (glibc serves allocations that large that way): read into
+        # one buffer instead, and copy out only what came.
+        self.buf = bytearray(262144)
+        self.view = memoryview(self.buf)
 
     @staticmethod
     def enable(client: Client) -> None:
@@ -720,14 +725,15 @@ class StampedReader:
     def readable(self) -> None:
         assert self.sock is not None
         try:
-            data, anc, _flags, _addr = self.sock.recvmsg(262144, 256)
+            n, anc, _flags, _addr = self.sock.recvmsg_into([self.buf], 256)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data, anc = b"", []
-        if not data:
+            n, anc = 0, []
+        if not n:
             self.stop()
             return
+        data = bytes(self.view[:n])
         t = 0
         for level, kind, payload in anc:
             if level == SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) >= 16:
