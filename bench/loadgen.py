@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Load generator for the chat room (docs/PROTOCOL.md) and, with the same
 workload, for an IRC server (RFC 2812 as ngircd speaks it). Standard library
-only; many clients from one process, on asyncio Protocols.
+only; many clients from one process, on asyncio Protocols until they are in
+the room (then most receivers are read by a plain epoll loop, see below).
 
 The workload: N receivers and S senders join one room (`#bench` on IRC), then
 the senders send lines of the form `^<sender> <seq> <time.time_ns()>`. Every
@@ -17,13 +18,20 @@ receiver must get every line, in each sender's order.
 
 Processes: the conductor (this process: the senders, the window, the clock),
 bulk workers (--procs) that connect the receivers and count the `^` marks
-each reads (one C call per read; `^` appears once in each bench line and
-nowhere else), and a probe worker. Once in the room, `sampled` receivers of
-each bulk worker, spread evenly over its join order, are handed to the probe
-(their sockets go over SCM_RIGHTS). The probe parses every line: latency from
-the send stamp to the kernel's receive stamp (SO_TIMESTAMPNS, when the server
-wrote the bytes), and each sender's sequence numbers. Loss (or duplication)
-is checked at EVERY receiver by count; order at the sampled ones.
+each reads (`^` appears once in each bench line and nowhere else), and a
+probe worker. Once in the room, `sampled` receivers of each bulk worker,
+spread evenly over its join order, are handed to the probe (their sockets go
+over SCM_RIGHTS). The probe parses every line: latency from the send stamp to
+the kernel's receive stamp (SO_TIMESTAMPNS, when the server wrote the bytes),
+and each sender's sequence numbers. Loss (or duplication) is checked at EVERY
+receiver by count; order at the sampled ones.
+
+Reading the receivers is most of the generator's work (in a room of 1,000,
+a line sent is 1,000 lines to read), so once all of a bulk worker's
+receivers are in, it leaves asyncio for a loop of its own (BulkWorker.pump):
+per ready socket one recv_into() into one buffer and one C call to count the
+marks, no Python work per line; after each wakeup, its progress goes to the
+conductor if it grew.
 
 Also here: `run_joincheck`, which connects many clients to one room and
 checks every join notice reached everyone who joined before it, to the byte.
@@ -51,6 +59,7 @@ import multiprocessing
 import os
 import re
 import resource
+import select
 import socket
 import struct
 import sys
@@ -472,31 +481,35 @@ class WorkerBase:
             self.cmds.put_nowait(("close",))
 
     async def serve_commands(self) -> None:
-        while True:
-            cmd = await self.cmds.get()
-            if cmd[0] == "go":
-                self.go_window = (cmd[1], cmd[2])
-            elif cmd[0] == "cpu":
-                self.conn.send(("cpu", cpu_seconds_self()))
-            elif cmd[0] == "collect":
-                sent = cmd[1]
-                lat: list[int] = []
-                for p in self.parsers:
-                    lat += p.latencies
-                if len(lat) > MAX_LATENCIES:
-                    lat = lat[:: len(lat) // MAX_LATENCIES + 1]
-                self.conn.send(("res", {
-                    "receivers": len(self.counts),
-                    "delivered": sum(self.counts),
-                    "lost": sum(max(0, sent - c) for c in self.counts),
-                    "duplicated": sum(max(0, c - sent) for c in self.counts),
-                    "out_of_order": sum(p.out_of_order for p in self.parsers),
-                    "parsed_lines": sum(p.lines for p in self.parsers),
-                    "stamp_fallbacks": sum(r.fallbacks for r in self.stamped),
-                    "latencies": array.array("q", lat).tobytes(),
-                }))
-            elif cmd[0] == "close":
-                return
+        while self.command(await self.cmds.get()):
+            pass
+
+    def command(self, cmd: tuple[Any, ...]) -> bool:
+        """Do one of the conductor's commands; False when it says close."""
+        if cmd[0] == "go":
+            self.go_window = (cmd[1], cmd[2])
+        elif cmd[0] == "cpu":
+            self.conn.send(("cpu", cpu_seconds_self()))
+        elif cmd[0] == "collect":
+            sent = cmd[1]
+            lat: list[int] = []
+            for p in self.parsers:
+                lat += p.latencies
+            if len(lat) > MAX_LATENCIES:
+                lat = lat[:: len(lat) // MAX_LATENCIES + 1]
+            self.conn.send(("res", {
+                "receivers": len(self.counts),
+                "delivered": sum(self.counts),
+                "lost": sum(max(0, sent - c) for c in self.counts),
+                "duplicated": sum(max(0, c - sent) for c in self.counts),
+                "out_of_order": sum(p.out_of_order for p in self.parsers),
+                "parsed_lines": sum(p.lines for p in self.parsers),
+                "stamp_fallbacks": sum(r.fallbacks for r in self.stamped),
+                "latencies": array.array("q", lat).tobytes(),
+            }))
+        elif cmd[0] == "close":
+            return False
+        return True
 
 
 class BulkWorker(WorkerBase):
@@ -507,6 +520,7 @@ class BulkWorker(WorkerBase):
         self.clients: list[Client] = []
         k = min(w.sampled, count) if probe_chan is not None else 0
         self.sampled = {j * count // k for j in range(k)} if k else set()
+        self.mine: list[Client] = []  # the receivers this worker counts, in self.counts' order
 
     def make(self, i: int) -> Client:
         w = self.w
@@ -527,27 +541,12 @@ class BulkWorker(WorkerBase):
             return c
         j = len(self.counts)
         self.counts.append(0)
-        counts, loop, worker = self.counts, self.loop, self
-        quickack: Any = None
+        self.mine.append(c)
 
-        def fast(data: bytes) -> None:  # becomes c.data_received once it is in
-            counts[j] += data.count(MARK)
-            if quickack:
-                quickack(IPPROTO_TCP, TCP_QUICKACK, 1)
-            if not worker.scheduled:
-                worker.scheduled = True
-                loop.call_soon(worker.flush)
+        def hot(data: bytes, t: int) -> None:  # until the pump takes over
+            self.counts[j] += data.count(MARK)
 
-        def joined(client: Client, err: str | None) -> None:
-            nonlocal quickack
-            if err is None and client.transport is not None:
-                if w.quickack:
-                    ts = client.transport.get_extra_info("socket")
-                    quickack = getattr(ts, "_sock", ts).setsockopt
-                client.data_received = fast  # type: ignore[method-assign]
-
-        c._joined = joined
-        c.hot = lambda data, t: fast(data)
+        c.hot = hot
         return c
 
     async def run(self) -> None:
@@ -562,13 +561,73 @@ class BulkWorker(WorkerBase):
             self.conn.send(("err", str(exc)))
             return
         self.conn.send(("ready", t0, max((c.t_in for c in self.clients), default=t0)))
-        self.flush()
         try:
-            await self.serve_commands()
+            self.pump()
         finally:
             for c in self.clients:
                 if c.transport is not None:
                     c.transport.abort()
+
+    def pump(self) -> None:
+        """Everyone is in: from here on a plain epoll loop, not asyncio, reads
+        the receivers. Each ready socket is read once per wakeup into one
+        buffer, its marks counted in C (bytearray.count); after each wakeup
+        the worker's progress goes to the conductor if it grew."""
+        self.loop.remove_reader(self.conn.fileno())
+        socks: dict[int, tuple[int, socket.socket]] = {}
+        for j, c in enumerate(self.mine):
+            assert c.transport is not None
+            c.transport.pause_reading()  # asyncio lets go; the kernel keeps what is unread
+            sock = socket.fromfd(c.transport.get_extra_info("socket").fileno(),
+                                 socket.AF_INET, socket.SOCK_STREAM)  # a dup: ours to close
+            sock.setblocking(False)
+            socks[sock.fileno()] = (j, sock)
+        ep = select.epoll()
+        for fd in socks:
+            ep.register(fd, select.EPOLLIN)
+        conn_fd = self.conn.fileno()
+        ep.register(conn_fd, select.EPOLLIN)
+        buf = bytearray(1 << 18)
+        counts, quickack = self.counts, self.w.quickack
+        try:
+            while not self.cmds.empty():  # any that came while it was connecting
+                if not self.command(self.cmds.get_nowait()):
+                    return
+            self.flush()
+            while True:
+                for fd, _ev in ep.poll():
+                    if fd == conn_fd:
+                        if not self.commands():
+                            return
+                        continue
+                    j, sock = socks[fd]
+                    try:
+                        n = sock.recv_into(buf)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError:
+                        n = 0
+                    if not n:  # closed: what it got stays counted
+                        ep.unregister(fd)
+                        continue
+                    counts[j] += buf.count(MARK, 0, n)
+                    if quickack:
+                        sock.setsockopt(IPPROTO_TCP, TCP_QUICKACK, 1)
+                self.flush()
+        finally:
+            ep.close()
+            for _j, sock in socks.values():
+                sock.close()
+
+    def commands(self) -> bool:
+        """Answer the conductor's commands waiting in the pipe; False on close."""
+        try:
+            while self.conn.poll():
+                if not self.command(self.conn.recv()):
+                    return False
+        except (EOFError, OSError):
+            return False
+        return True
 
 
 class ProbeWorker(WorkerBase):
@@ -646,6 +705,11 @@ class StampedReader:
         self.on_data, self.stamps = on_data, stamps
         self.loop: asyncio.AbstractEventLoop | None = None
         self.fallbacks = 0  # reads that came without a kernel stamp
+        # recvmsg(262144) would cost an mmap() and munmap() of 256 KiB per
+        # read (glibc serves allocations that large that way): read into
+        # one buffer instead, and copy out only what came.
+        self.buf = bytearray(262144)
+        self.view = memoryview(self.buf)
 
     @staticmethod
     def enable(client: Client) -> None:
@@ -661,14 +725,15 @@ class StampedReader:
     def readable(self) -> None:
         assert self.sock is not None
         try:
-            data, anc, _flags, _addr = self.sock.recvmsg(262144, 256)
+            n, anc, _flags, _addr = self.sock.recvmsg_into([self.buf], 256)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data, anc = b"", []
-        if not data:
+            n, anc = 0, []
+        if not n:
             self.stop()
             return
+        data = bytes(self.view[:n])
         t = 0
         for level, kind, payload in anc:
             if level == SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) >= 16:
