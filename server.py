@@ -1801,6 +1801,10 @@ class HistoryFile:
                              "was built without") from None
         self.path, self.keep, self.max_age = path, keep, max_age
         self._error = sqlite3.Error
+        try:  # a new file is readable by its owner alone: it holds what the room said
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        except OSError as exc:
+            raise UsageError(f"-history-db {path}: {exc.strerror or exc}") from None
         try:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
