@@ -18,11 +18,15 @@ top to bottom:
    the one entry point for every read - lost(cid) and tick(now). What
    they cause lands in the Core's outbox. A room log (RoomLog: a cluster)
    may stand between the Core and the Room; alone, inputs apply at once.
+   With -history, the History keeps the room's last public lines, and a
+   new member is sent them (`:past`) and who is here (`:here`) after `:ok`.
 2. THE ASYNCIO TRANSPORT, on the stock loop (asyncio's or uvloop): one
    Connection (a BufferedProtocol) per TCP or TLS client, reached by the
    Hub only through the small Peer interface (write, close, abort, pause
    and resume reading, its address); the Hub passes events to the Core with
-   the time and writes what it queued once per pass (call_soon).
+   the time and writes what it queued once per pass (call_soon). With
+   -history-db, a HistoryFile thread writes the history's new lines to
+   SQLite in batches, off the loop.
 3. THE COMMAND LINE.
 
 Rules this file keeps: the server's stdout carries only the contract's lines;
