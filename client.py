@@ -78,6 +78,7 @@ import sys
 import threading
 import time
 import unicodedata
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone, tzinfo
@@ -453,7 +454,7 @@ class History:
         self.me = me
         self.remember = remember
         self.last_id: str | None = None
-        self.live: list[str] = []
+        self._live: deque[str] = deque(maxlen=LIVE_LIMIT)
         self._replay: list[Past] = []
         self._first = True  # no replay has ended yet
 
@@ -471,17 +472,21 @@ class History:
         self._first = False
         if self._replay:
             self.last_id = self._replay[-1].ident
-        self.live = []
+        self._live.clear()
         self._replay = []
         return shown
 
     def heard(self, line: str) -> None:
         """A display line received live."""
         if self.remember and is_public(line):
-            self.live.append(line)
-            if len(self.live) > LIVE_LIMIT:
-                del self.live[: len(self.live) - LIVE_LIMIT]
-                self.last_id = None
+            if len(self._live) == self._live.maxlen:  # the oldest goes, and with it the
+                self.last_id = None  # certainty of where the last replay ended
+            self._live.append(line)
+
+    @property
+    def live(self) -> list[str]:
+        """The public lines received live since the last replay, oldest first."""
+        return list(self._live)
 
 
 # --- -reconnect ------------------------------------------------------------------
