@@ -1049,7 +1049,7 @@ class History:
         """Forget every line (a cluster reloads its history from the log)."""
         self._lines.clear()
         self.unsaved.clear()
-        self.next += 1  # the replay is built again
+        self._replay = None
 
     def lines(self, now: float) -> list[Past]:
         """The kept lines not older than max_age at `now`, oldest first."""
@@ -1228,9 +1228,9 @@ class Core:
                 self.outbox.urgent = True
                 self.outbox.broadcast(block, skip=cid)
                 self.outbox.print(block)
-                if self.history is not None:
+                if self._recorder is not None:
                     for line in block.decode().split("\n")[:-1]:
-                        self.history.record(line, now)
+                        self._recorder.record(line, now)
                 return
         conn.held.extend(conn.reader.feed(data))
         if not conn.paused:
@@ -1829,7 +1829,6 @@ class HistoryFile:
         self._next = 1
         self._closing = False
         self._thread: threading.Thread | None = None
-        self.failed: str | None = None  # the error that stopped the saving, if any
 
     def load(self, now: float) -> History:
         """The history as the file holds it, to go on from."""
@@ -1874,7 +1873,6 @@ class HistoryFile:
                 try:
                     self._write(lines, next_id)
                 except self._error as exc:
-                    self.failed = str(exc)
                     sys.stderr.write(f"server.py: -history-db {self.path}: {exc}; "
                                      "history is no longer saved\n")
                     return
@@ -2076,9 +2074,10 @@ class Hub:
                 peer.close()
         if batch.printed:
             self.write_out(batch.printed)
-        history = self.core.history
-        if self.keeper is not None and history is not None and history.unsaved:
-            self.keeper.save(history.take_unsaved(), history.next)
+        if self.keeper is not None:
+            history = self.core.history
+            if history is not None and history.unsaved:
+                self.keeper.save(history.take_unsaved(), history.next)
 
     def print_lines(self, lines: list[str]) -> None:
         self.write_out(("\n".join(lines) + "\n").encode("utf-8", "replace"))
@@ -2315,21 +2314,20 @@ def loop_error_handler(fd_limit: int) -> Any:
 
 
 async def serve(args: argparse.Namespace, limits: Limits, tls: ssl.SSLContext | None,
-                cluster: type[RedisLog] | None = None, web: type[WebDoor] | None = None) -> int:
+                cluster: type[RedisLog] | None = None, web: type[WebDoor] | None = None,
+                keeper: HistoryFile | None = None) -> int:
     loop = asyncio.get_running_loop()
     fd_limit = raise_open_file_limit()
     loop.set_exception_handler(loop_error_handler(fd_limit))
     log = None if cluster is None else cluster(args.redis, args.redis_backlog)
     printer = Printer(sys.stdout.fileno())
-    history = keeper = None
-    if args.history:
-        max_age = args.history_days * 86400
-        if args.history_db is not None:
-            keeper = HistoryFile(args.history_db, args.history, max_age)
-            history = keeper.load(time.time())
-            keeper.start()
-        else:
-            history = History(args.history, max_age, os.urandom(3).hex() + ".")
+    history = None
+    if keeper is not None:
+        history = keeper.load(time.time())
+        keeper.start()
+    elif args.history:
+        history = History(args.history, args.history_days * 86400, os.urandom(3).hex() + ".")
+    if history is not None:
         history.max_bytes = min(history.max_bytes, limits.max_sendq // 2)
     hub = Hub(Core(Room(args.passcode), limits, log, history), printer, keeper=keeper)
     if log is not None:
@@ -2393,7 +2391,6 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError("-history-db keeps the history: it needs -history above 0")
             if args.redis:  # the log is the history: a file would be one server's copy
                 raise UsageError("-history-db: in a cluster the history is kept in Redis")
-            HistoryFile(args.history_db, args.history, 0).close()  # a bad file fails here
         tls = tls_context(args.tls_cert, args.tls_key)
         cluster: type[RedisLog] | None = None
         if args.redis:
@@ -2414,11 +2411,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.uvloop:
             run = optional("chatroom_ext.fastloop", "-uvloop needs the chatroom_ext package "
                            "beside server.py and uvloop: pip install uvloop").run
+        keeper = None  # opened last: every other mistake is told before a file is made
+        if args.history_db is not None:
+            keeper = HistoryFile(args.history_db, args.history, args.history_days * 86400)
     except UsageError as exc:
         sys.stderr.write(f"server.py: error: {exc}\n")
         return 2
     try:
-        return run(serve(args, limits, tls, cluster, web))
+        return run(serve(args, limits, tls, cluster, web, keeper))
     except KeyboardInterrupt:  # Ctrl-C before the loop could catch it
         return 0
 
