@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run our server and ngircd through the same grid, side by side.
 
-    python3 bench/run.py                    # the full grid (about 11 minutes)
+    python3 bench/run.py                    # the full grid (about 25 minutes)
     python3 bench/run.py --quick            # tiny sizes, a few seconds
     python3 bench/run.py --servers ours     # our server only (no apt-get needed)
     python3 bench/run.py --uvloop           # also our server on uvloop, if installed
@@ -127,6 +127,10 @@ class Grid:
     paced_reps_small: int = 15
     small_n: int = 100
     paced_duration: float = 3.0
+    # ... and measured for longer: a paced run's p99 is its worst 1 % of the
+    # time, 30 ms of a 3-second run, so a few of the machine's own stalls
+    # set it (3.0 until 2026-12-02 18:20; docs/PERFORMANCE.md, "Latency tails")
+    paced_duration_small: float = 6.0
     join_burst: int = 200
     join_steady: int = 8  # ngircd listens with a backlog of 10: more drops SYNs
 
@@ -136,7 +140,8 @@ FULL = Grid(receivers=[10, 100, 1000], senders=[1, 4], modes=["closed", "paced"]
             sampled=8)
 QUICK = Grid(receivers=[5], senders=[1, 2], modes=["closed", "paced"], window=16,
              rate=5_000, duration=0.4, warmup=0.2, joins=0, joins_both=40, procs=1, sampled=3,
-             paced_sampled=3, paced_reps=1, paced_reps_small=1, paced_duration=0.4)
+             paced_sampled=3, paced_reps=1, paced_reps_small=1, paced_duration=0.4,
+             paced_duration_small=0.4)
 
 UVLOOP_BURST = 2000  # clients in uvloop's many-clients burst (see run_grid)
 
@@ -192,7 +197,8 @@ def run_cell(name: str, n: int, s: int, mode: str, grid: Grid,
         w = loadgen.Workload(
             kind="ours" if name.startswith("ours") else "irc", port=0,
             receivers=n, senders=s, mode=mode, window=grid.window, rate=grid.rate,
-            duration=grid.paced_duration if paced else grid.duration,
+            duration=((grid.paced_duration_small if n <= grid.small_n else grid.paced_duration)
+                      if paced else grid.duration),
             warmup=min(grid.warmup, 0.5) if paced else grid.warmup,
             sampled=grid.paced_sampled if paced else grid.sampled,
             procs=grid.procs, passcode=PASSCODE)
@@ -449,8 +455,16 @@ def targets(cmp: list[dict[str, Any]], joins: list[dict[str, Any]], grid: Grid,
     thr_one = [c["ratio"]["lines_per_s"] for c in cmp
                if c["mode"] == "closed" and c["receivers"] == big and c["senders"] == 1]
     p99 = [c["ratio"]["p99_us"] for c in cmp if c["mode"] == "paced"]
-    p99_small = [c["ratio"]["p99_us"] for c in cmp
-                 if c["mode"] == "paced" and c["receivers"] <= SMALL_ROOM]
+    # The p99 target is judged on every sample of a cell's repeated runs
+    # together (pooled): the 99th percentile of all the traffic the cell
+    # measured. One run's p99 is its worst 1 % of the time, which the
+    # machine's own stalls decide (the "wake-up lateness" in the report);
+    # the run with the median p99 is shown beside it. A cell run once has
+    # no pooled figure and is judged on its one run.
+    small = [c for c in cmp if c["mode"] == "paced" and c["receivers"] <= SMALL_ROOM]
+    p99_small = [c["ratio"]["pooled_p99_us"] if c["ratio"].get("pooled_p99_us") is not None
+                 else c["ratio"]["p99_us"] for c in small]
+    p99_small_median = [c["ratio"]["p99_us"] for c in small]
     ours_runs = [c["ours"] for c in cmp if "ours" in c]
     big_n = grid.joins or grid.joins_both
     j = next((x for x in joins if x["server"] == "ours" and x.get("clients") == big_n
@@ -466,6 +480,9 @@ def targets(cmp: list[dict[str, Any]], joins: list[dict[str, Any]], grid: Grid,
         "paced_p99_within_1_5x_small_rooms": (
             all(r is not None and r <= 1.5 for r in p99_small)
             if p99_small and None not in p99_small and not quick else None),
+        "paced_median_run_p99_within_1_5x_small_rooms": (
+            all(r is not None and r <= 1.5 for r in p99_small_median)
+            if p99_small_median and None not in p99_small_median and not quick else None),
         "ours_no_loss_no_reorder": (all("error" not in r and r["lost"] == 0
                                         and r["duplicated"] == 0 and r["out_of_order"] == 0
                                         for r in ours_runs) if ours_runs else None),
@@ -504,10 +521,11 @@ def targets_text(t: dict[str, Any], servers: list[str], quick: bool = False) -> 
         ("throughput at the largest N, ours / ngircd", ratios(t["throughput_ratio_at_max_n"])),
         ("  at least 3x with one sender", verdict(t["throughput_3x_one_sender_at_max_n"],
                                                    unjudged)),
-        ("paced p99, ours / ngircd (median run)", ratios(t["paced_p99_ratios"])),
-        ("  pooled", ratios(t["paced_pooled_p99_ratios"])),
+        ("paced p99 of every run's samples, ours / ngircd",
+         ratios(t["paced_pooled_p99_ratios"])),
         (f"  at most 1.5x where N <= {SMALL_ROOM}",
          verdict(t["paced_p99_within_1_5x_small_rooms"], unjudged)),
+        ("paced p99 of the median run, ours / ngircd", ratios(t["paced_p99_ratios"])),
         ("ours: no loss, duplicate or reordering", verdict(t["ours_no_loss_no_reorder"],
                                                            "not measured")),
         (f"{n:,} clients at once: every join notice delivered",
@@ -544,6 +562,46 @@ def interpreter(python: str) -> dict[str, str]:
         return {"path": python}
     return {"path": python, "version": out[0],
             "config_args": out[1].strip() if len(out) > 1 else ""}
+
+
+LATENESS_CODE = """
+import json, sys, time
+seconds, nap = float(sys.argv[1]), 0.0005
+late = []
+end = time.perf_counter() + seconds
+while time.perf_counter() < end:
+    t = time.perf_counter()
+    time.sleep(nap)
+    late.append(time.perf_counter() - t - nap)
+late.sort()
+print(json.dumps({f"p{q:g}_us": round(late[min(len(late) - 1, int(q / 100 * len(late)))] * 1e6)
+                  for q in (50, 99, 99.9)} | {"max_us": round(late[-1] * 1e6)}))
+"""
+
+
+def wakeup_lateness(cpus: set[int] | None, seconds: float = 5.0) -> dict[str, Any]:
+    """How late the machine wakes a process that sleeps 0.5 ms, again and
+    again for `seconds`, on the servers' CPU with nothing else running: the
+    floor under any latency measured here. On a quiet machine it is tens of
+    microseconds; a shared virtual machine can be milliseconds late at p99,
+    and then so is every server's p99."""
+    try:
+        out = subprocess.run([sys.executable, "-c", LATENESS_CODE, str(seconds)],
+                             capture_output=True, text=True, timeout=seconds + 30,
+                             preexec_fn=ircd.pin(cpus))
+        return dict(json.loads(out.stdout))
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def lateness_text(before: dict[str, Any], after: dict[str, Any]) -> str:
+    def one(x: dict[str, Any]) -> str:
+        if "error" in x:
+            return "not measured"
+        return (f"p50 {x['p50_us']:,} us, p99 {x['p99_us']:,} us, p99.9 {x['p99.9_us']:,} us, "
+                f"max {x['max_us']:,} us")
+    return ("\nTHE MACHINE: how late a 0.5 ms sleep wakes on the servers' CPU\n"
+            f"  before the grid  {one(before)}\n  after the grid   {one(after)}")
 
 
 def meta(args: argparse.Namespace, grid: Grid, servers: list[str]) -> dict[str, Any]:
@@ -666,10 +724,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{grid.duration}s per cell; {grid.joins_both} clients at once on each server, "
         f"{grid.joins} on ours")
     t0 = time.monotonic()
+    lateness_seconds = 1.0 if args.quick else 5.0
+    info["wakeup_lateness_before"] = wakeup_lateness(args.server_cpus, lateness_seconds)
     try:
         data = run_grid(servers, grid, args)
     finally:
         code_dir.cleanup()
+    info["wakeup_lateness_after"] = wakeup_lateness(args.server_cpus, lateness_seconds)
     info["wall_s"] = round(time.monotonic() - t0, 1)
     now = hashlib.sha256((ROOT / "server.py").read_bytes()).hexdigest()
     if now != info["server_py_sha256"]:
@@ -684,6 +745,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(cmp, servers))
     print(join_table(data["joins"]))
     print(targets_text(result["targets"], servers, args.quick))
+    print(lateness_text(info["wakeup_lateness_before"], info["wakeup_lateness_after"]))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -119,3 +119,26 @@ def test_each_server_goes_first_in_turn() -> None:
     assert orders == [["ours", "ours-uvloop", "ngircd"], ["ours-uvloop", "ngircd", "ours"],
                       ["ngircd", "ours", "ours-uvloop"], ["ours", "ours-uvloop", "ngircd"]]
     assert run.rotated([], 3) == []
+
+
+def test_small_room_p99_is_judged_on_every_runs_samples() -> None:
+    """The 1.5x latency target in small rooms is judged on the pooled p99 (all
+    the repeated runs' samples); a cell run once is judged on its one run."""
+    run = bench_module("run")
+    grid = run.FULL
+
+    def cell(n: int, median: float, pooled: float | None) -> dict[str, Any]:
+        ratio = {"lines_per_s": None, "p99_us": median, "pooled_p99_us": pooled}
+        return {"mode": "paced", "receivers": n, "senders": 1, "ratio": ratio}
+
+    judged = "paced_p99_within_1_5x_small_rooms"
+    shown = "paced_median_run_p99_within_1_5x_small_rooms"
+    t = run.targets([cell(10, 1.7, 1.2), cell(100, 1.0, 1.1)], [], grid)
+    assert t[judged] is True and t[shown] is False
+    t = run.targets([cell(10, 1.2, 1.6), cell(100, 1.0, 1.1)], [], grid)
+    assert t[judged] is False and t[shown] is True
+    t = run.targets([cell(10, 1.6, None)], [], grid)  # one run: no pooled figure
+    assert t[judged] is False
+    t = run.targets([cell(1000, 3.0, 3.0), cell(10, 1.0, 1.4)], [], grid)  # large rooms: shown
+    assert t[judged] is True
+    assert run.targets([cell(10, 1.7, 1.2)], [], grid, quick=True)[judged] is None
