@@ -51,8 +51,9 @@ How the file is organised, top to bottom:
 5. Link: after the login, one thread owns the socket and does all of its
    reading and writing in a selector loop (an SSL socket must never be read
    and written by two threads at once). It hands every line that arrives to
-   the Chat and sends what the Chat queues. With -reconnect it also connects
-   and logs in again (Dialer), in that thread, while the main thread goes on
+   the Chat and sends what the Chat queues; the Chat reads no more input
+   while over 1 MiB waits to be sent (HOLD_LIMIT). With -reconnect it also
+   connects and logs in again (Dialer), in that thread, while the main thread goes on
    taking what is typed. When the connection ends for good it wakes the main
    thread with a signal, since that thread may be blocked on stdin.
 6. Chat: the main thread forwards what is typed (terminal, pipe or file)
@@ -90,6 +91,10 @@ MAX_USERNAME = 8
 MAX_PASSCODE = 5
 MAX_LINE = 64 * 1024  # longest line accepted from the server, in bytes
 RECV_SIZE = 64 * 1024
+# Bytes queued for the server past which the client stops reading its input
+# until the queue drains: a fast pipe into a slow (or, with -reconnect,
+# absent) server waits in the pipe, not in the client's memory.
+HOLD_LIMIT = 1 << 20
 CONNECT_TIMEOUT = 10.0  # seconds, for the TCP connect and the TLS handshake
 LOGIN_TIMEOUT = 30.0  # seconds to wait for the answer to LOGIN
 PROTOCOL = "chatroom 1"  # what :hello must say (docs/PROTOCOL.md, "Stability")
@@ -1018,6 +1023,9 @@ class Link:
     that was half sent goes again whole. A refusal whose code is not in
     RETRIED_CODES, or a final Failure, ends the thread (End.REFUSED,
     End.FAILED).
+
+    The queue is bounded by whoever fills it: wait_for_room() holds a sender
+    while more than HOLD_LIMIT bytes wait.
     """
 
     def __init__(
@@ -1036,6 +1044,7 @@ class Link:
         self._outbox = bytearray()
         self._half_sent = bytearray()  # the start of a line sent without its end yet
         self._lock = threading.Lock()  # guards _outbox
+        self._room = threading.Condition(self._lock)  # the outbox shrank, or the thread ended
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._stopping = False
         self._blocked_on_write = False
@@ -1067,6 +1076,13 @@ class Link:
             self._outbox += data
         self._poke()
 
+    def wait_for_room(self) -> None:
+        """Block while more than HOLD_LIMIT bytes wait to be sent, unless the
+        thread has ended (any thread but the Link's; a signal interrupts it)."""
+        with self._room:
+            while len(self._outbox) > HOLD_LIMIT and not self.finished.is_set():
+                self._room.wait()
+
     def stop(self) -> None:
         """End the thread if it still runs, and wait for it (not while it
         connects again: that can take seconds, and the thread is a daemon)."""
@@ -1090,6 +1106,8 @@ class Link:
         finally:
             self._sock.close()
             self.finished.set()
+            with self._room:
+                self._room.notify_all()
             try:
                 signal.pthread_kill(self._main_thread, WAKE_SIGNAL)
             except (OSError, ValueError):  # the main thread has already gone
@@ -1214,6 +1232,7 @@ class Link:
                 return
             with self._lock:
                 del self._outbox[:sent]
+                self._room.notify_all()
                 if self._dialer is not None:
                     done = chunk[:sent]
                     cut = done.rfind(b"\n")
@@ -1282,8 +1301,10 @@ class Chat:
         return self._verdict()
 
     def _forward(self, lines: Iterable[bytes]) -> None:
-        """Send each line; stop after a typed :Exit or send :Exit at the end."""
+        """Send each line; stop after a typed :Exit or send :Exit at the end.
+        Input is read no faster than the server takes it (Link.wait_for_room)."""
         for line in lines:
+            self._link.wait_for_room()
             self._link.send(line + b"\n")
             if line == EXIT:
                 self._exit_sent = self._link.leaving = True

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import select
 import signal
 import socket
 import ssl
@@ -510,6 +511,61 @@ def test_ctrl_c_during_login(server: FakeServer, start_client: StartClient) -> N
     chat_client.signal(signal.SIGINT)
     assert chat_client.finish() == Result(0, [], [])
     peer.expect_eof()
+
+
+def stall_input(chat_client: Client, data: bytes) -> int:
+    """Write `data` to the client's stdin until it stops reading for 2 s
+    (or takes it all); how much it took."""
+    assert chat_client.proc.stdin is not None
+    fd = chat_client.proc.stdin.fileno()
+    os.set_blocking(fd, False)
+    taken = 0
+    while taken < len(data) and select.select([], [fd], [], 2.0)[1]:
+        try:
+            taken += os.write(fd, data[taken : taken + 65536])
+        except BlockingIOError:
+            pass
+    os.set_blocking(fd, True)
+    return taken
+
+
+# 24 MiB of input: far more than the client holds (1 MiB) plus what the
+# kernel buffers between it and the fake server (a few MiB at most).
+FLOOD = (b"x" * 1023 + b"\n") * (24 * 1024)
+
+
+def test_piped_input_waits_for_a_server_that_does_not_read(
+    server: FakeServer, start_client: StartClient
+) -> None:
+    chat_client, peer = connect(server, start_client)
+    taken = stall_input(chat_client, FLOOD)
+    assert taken < len(FLOOD), "the client read all its input into memory"
+    assert chat_client.proc.stdin is not None
+    stdin = chat_client.proc.stdin
+
+    def write_the_rest() -> None:
+        os.write(stdin.fileno(), FLOOD[taken:])  # blocking: the client reads on
+        stdin.close()
+
+    writer = threading.Thread(target=write_the_rest, daemon=True)
+    writer.start()
+    for _ in range(FLOOD.count(b"\n")):  # everything arrives, in order
+        assert peer.line() == b"x" * 1023
+    assert peer.line() == b":Exit"
+    writer.join(TIMEOUT)
+    peer.send(":bye")
+    assert chat_client.finish() == Result(0, [], [])
+
+
+def test_a_signal_ends_a_client_held_by_a_server_that_does_not_read(
+    server: FakeServer, start_client: StartClient
+) -> None:
+    chat_client, peer = connect(server, start_client)
+    assert stall_input(chat_client, FLOOD) < len(FLOOD)
+    started = time.monotonic()
+    chat_client.signal(signal.SIGTERM)  # :Exit is queued behind the rest; no :bye comes
+    assert chat_client.finish() == Result(0, [], [])
+    assert time.monotonic() - started < 3 + 2  # LEAVE_TIMEOUT and some slack
 
 
 # --- errors a person can cause ------------------------------------------------------------
