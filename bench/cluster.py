@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The bench's cluster mode (issue 5): the same workload as bench/loadgen.py,
+"""The bench's cluster mode: the same workload as bench/loadgen.py,
 on one server alone and across two servers joined through Redis.
 
     python3 bench/cluster.py            # N=100 receivers, S=1 and 4 senders
@@ -30,6 +30,7 @@ by wrapping loadgen.connect_all for this process only.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -136,10 +137,12 @@ class Server:
 def senders_to(port: int) -> Iterator[None]:
     """Connect the senders (this process) to `port`; receivers (the worker
     processes loadgen forks) keep the workload's port."""
-    me, real = os.getpid(), loadgen.connect_all
+    me, real, senders_port = os.getpid(), loadgen.connect_all, port
 
-    async def connect_all(loop: Any, p: int, clients: Any, *args: Any, **kw: Any) -> None:
-        await real(loop, port if os.getpid() == me else p, clients, *args, **kw)
+    async def connect_all(loop: asyncio.AbstractEventLoop, port: int,
+                          clients: list[loadgen.Client], concurrency: int, timeout: float) -> None:
+        await real(loop, senders_port if os.getpid() == me else port, clients, concurrency,
+                   timeout)
 
     loadgen.connect_all = connect_all
     try:

@@ -35,7 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, TextIO, TypeVar
 
 OPER_NAME, OPER_PASS = "bench", "benchpw"  # bench/loadgen.py uses the same
 
@@ -80,7 +80,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def ensure_ngircd(log=sys.stderr) -> str:
+def ensure_ngircd(log: TextIO = sys.stderr) -> str:
     """The path of ngircd, installing Debian's package first if it is missing."""
     found = shutil.which("ngircd") or (os.path.exists("/usr/sbin/ngircd") and "/usr/sbin/ngircd")
     if found:
@@ -140,6 +140,9 @@ def wait_accepting(port: int, proc: subprocess.Popen[bytes], timeout: float) -> 
     raise RuntimeError(f"server not accepting on port {port} after {timeout:.0f} s")
 
 
+Started = TypeVar("Started", bound="ServerProcess")
+
+
 class ServerProcess:
     """A server the bench starts and stops itself: its process, its scratch
     folder and the files it writes there; use as a context manager."""
@@ -192,8 +195,9 @@ class ServerProcess:
             self.dir.cleanup()
             self.dir = None
 
-    def __enter__(self) -> ServerProcess:
-        return self.start()
+    def __enter__(self: Started) -> Started:
+        self.start()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

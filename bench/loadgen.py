@@ -336,7 +336,8 @@ async def connect_all(loop: asyncio.AbstractEventLoop, port: int, clients: list[
         waiters[c] = loop.create_future()
         prev = c._joined
 
-        def joined(client: Client, err: str | None, prev=prev) -> None:
+        def joined(client: Client, err: str | None,
+                   prev: Callable[[Client, str | None], None] = prev) -> None:
             fut = waiters[client]
             if not fut.done():
                 if err is None:
@@ -896,7 +897,7 @@ class Conductor:
     async def gen_cpu(self) -> float:
         self.tell("cpu")
         msgs = await self.gather("cpu", 10)
-        return cpu_seconds_self() + sum(m[1] for m in msgs)
+        return cpu_seconds_self() + sum(float(m[1]) for m in msgs)
 
     async def run(self) -> Result:
         w = self.w
@@ -1021,8 +1022,8 @@ def pooled_percentiles(hists: list[dict[str, int]], qs: tuple[float, ...]) -> li
     """Percentiles (µs, each its bucket's middle) of several runs' samples together."""
     total: dict[int, int] = {}
     for h in hists:
-        for k, n in h.items():
-            total[int(k)] = total.get(int(k), 0) + n
+        for key, n in h.items():
+            total[int(key)] = total.get(int(key), 0) + n
     count = sum(total.values())
     keys = sorted(total)
     out = []
@@ -1065,8 +1066,11 @@ def run_workload(w: Workload) -> Result:
         first = 0
         for k in range(w.procs):
             chan = bulk_ends[k] if probing else None
-            start(lambda conn, first=first, k=k, chan=chan:
-                  BulkWorker(w, first, per[k], conn, chan))
+            def bulk(conn: Any, first: int = first, k: int = k,
+                     chan: socket.socket | None = chan) -> BulkWorker:
+                return BulkWorker(w, first, per[k], conn, chan)
+
+            start(bulk)
             first += per[k]
         for c in chans:
             c.close()
@@ -1082,8 +1086,8 @@ def run_workload(w: Workload) -> Result:
             if p.is_alive():
                 p.kill()
                 p.join(5)
-        for c in pipes:
-            c.close()
+        for pipe in pipes:
+            pipe.close()
         for c in chans:
             c.close()
 

@@ -308,7 +308,7 @@ def run_grid(servers: list[str], grid: Grid, args: argparse.Namespace) -> dict[s
 
 def summary(row: dict[str, Any]) -> str:
     if "error" in row:
-        return "ERROR " + row["error"]
+        return "ERROR " + str(row["error"])
     p99 = row.get("p99_us")
     return (f"{row['lines_per_s']:>12,.0f} lines/s  p99 {p99 or 0:>9,.0f} us  "
             f"srv {row.get('server_cpu_pct') or 0:>3.0f}%  gen {row['gen_cpu_pct']:>3.0f}%  "
