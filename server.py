@@ -15,7 +15,7 @@ top to bottom:
    broadcast joined once, each connection's own view as edits), and the
    Core, which is the whole server without I/O. The transport tells the
    Core four things: connect(cid, addr, now), receive(cid, data, now) -
-   the one entry point for every read - lost(cid) and tick(now). What
+   the one entry point for every read - lost(cid, now) and tick(now). What
    they cause lands in the Core's outbox. A room log (RoomLog: a cluster)
    may stand between the Core and the Room; alone, inputs apply at once.
    With -history, the History keeps the room's last public lines, and a
