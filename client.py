@@ -28,10 +28,16 @@ quarter); it logs in again with the same name and passcode, says so on
 stderr, and shows of the new replay only what it has not shown (catch_up()).
 What is typed meanwhile is held and sent after the new login (the line being
 edited on a terminal is left alone). A refusal with a code that a retry
-cannot mend (passcode, bad-username, bad-login, name-taken, any code it does
-not know), another protocol or a certificate that does not verify ends it as
-the first login would; full, throttled, shutdown and login-timeout are tried
-again. Ctrl-C while it waits ends it at once with status 0.
+cannot mend (passcode, bad-username, bad-login, any code it does not know),
+another protocol or a certificate that does not verify ends it as the first
+login would; full, throttled, shutdown and login-timeout are tried again, and
+so is name-taken for GHOST_WAIT after the loss (the name is most likely held
+by this client's own vanished connection, which the server drops within
+about a minute). Ctrl-C while it waits ends it at once with status 0.
+
+The socket has TCP keepalive, as the server's do (watch_for_silence()): a
+server that has vanished without a word (a network down) counts as lost
+after about a minute, instead of never.
 
 How the file is organised, top to bottom:
 
@@ -500,8 +506,18 @@ RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # then 30 s again and again
 STABLE_AFTER = 30.0  # seconds up after which the delays start again from the first
 # Refusals of a new login that are worth trying again: the server is busy,
 # restarting or slowing this address down. Any other code (passcode,
-# bad-username, bad-login, name-taken, or one this client does not know) ends it.
+# bad-username, bad-login, or one this client does not know) ends it, and so
+# does name-taken once GHOST_WAIT has passed since the connection was lost.
 RETRIED_CODES = frozenset(("full", "throttled", "shutdown", "login-timeout"))
+# Seconds after a loss during which name-taken is tried again: the server
+# drops a connection that went silent within about a minute (its keepalive).
+GHOST_WAIT = 120.0
+
+
+def retried(code: str, since_loss: float) -> bool:
+    """Is a refusal with this code, `since_loss` seconds after the connection
+    was lost, worth another try?"""
+    return code in RETRIED_CODES or (code == "name-taken" and since_loss < GHOST_WAIT)
 
 
 def retry_delay(attempt: int, jitter: float) -> float:
@@ -910,6 +926,29 @@ def tls_context(ca_file: str | None) -> ssl.SSLContext:
     return context
 
 
+# The server's keepalive, on this side too (see watch_for_silence()).
+KEEPALIVE_IDLE = 30
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_COUNT = 3
+UNACKED_TIMEOUT_MS = 60_000
+
+
+def watch_for_silence(sock: socket.socket) -> None:
+    """Have the kernel end `sock` once the server has gone silent: probes
+    after 30 s of quiet, every 10 s; given up once nothing sent is
+    acknowledged for 60 s (where the platform has these options)."""
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+                        ("TCP_KEEPCNT", KEEPALIVE_COUNT), ("TCP_USER_TIMEOUT", UNACKED_TIMEOUT_MS)):
+        if hasattr(socket, name):
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    for level, option, value in options:
+        try:
+            sock.setsockopt(level, option, value)
+        except OSError:
+            pass
+
+
 def open_connection(settings: Settings, context: ssl.SSLContext | None) -> socket.socket:
     """Connect, and with a `context`, do the TLS handshake. Raises Failure."""
     where = f"{settings.host} port {settings.port}"
@@ -917,6 +956,7 @@ def open_connection(settings: Settings, context: ssl.SSLContext | None) -> socke
         sock = socket.create_connection((settings.host, settings.port), timeout=CONNECT_TIMEOUT)
     except OSError as exc:
         raise Failure(f"cannot connect to {where}: {describe(exc)}") from None
+    watch_for_silence(sock)
     if context is None:
         return sock
     try:  # the handshake has CONNECT_TIMEOUT too; on failure the socket is closed
@@ -1146,6 +1186,7 @@ class Link:
         self._sock.close()
         if time.monotonic() - self._up_since >= STABLE_AFTER:
             self._attempt = 0
+        lost_at = time.monotonic()
         with self._lock:  # a line cut by the loss goes again whole
             self._outbox[:0] = self._half_sent
             self._half_sent.clear()
@@ -1162,7 +1203,7 @@ class Link:
             try:
                 sock, splitter = self._dialer.dial()
             except Refused as refused:
-                if refused.event.code not in RETRIED_CODES:
+                if not retried(refused.event.code, time.monotonic() - lost_at):
                     self.end, self.refusal = End.REFUSED, refused
                     return False
                 why = f"refused: {refused.event.text}"

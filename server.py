@@ -1564,6 +1564,39 @@ READ_BUFFER: Final = 256 << 10  # bytes read from a socket at once, as asyncio's
 # nothing else is queued: in a storm of logins, one write per member per
 # wait instead of one per login.
 NOTICE_WAIT: Final = 0.005
+# A connection whose other end has vanished without a word (a machine gone,
+# a network down) is dropped, and the room told, within about a minute:
+# after 30 s of quiet the kernel probes it every 10 s (TCP keepalive), and
+# it gives up once nothing sent, probe or line, is acknowledged for 60 s.
+# Without this, a vanished member would stay in the room, keeping its name.
+KEEPALIVE_IDLE: Final = 30
+KEEPALIVE_INTERVAL: Final = 10
+KEEPALIVE_COUNT: Final = 3
+UNACKED_TIMEOUT_MS: Final = 60_000
+
+
+def watch_for_silence(sock: socket.socket) -> None:
+    """Have the kernel drop `sock` once its peer has gone silent (the
+    KEEPALIVE_* settings; where the platform has them)."""
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+                        ("TCP_KEEPCNT", KEEPALIVE_COUNT), ("TCP_USER_TIMEOUT", UNACKED_TIMEOUT_MS)):
+        if hasattr(socket, name):
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    for level, option, value in options:
+        try:
+            sock.setsockopt(level, option, value)
+        except OSError:  # not a TCP socket, or the platform refuses it: no harm
+            pass
+
+
+def reset_on_close(sock: socket.socket) -> None:
+    """Make closing `sock` a reset, so that the kernel drops what it still
+    holds for the peer at once."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
 
 
 class Peer(Protocol):
@@ -1700,6 +1733,9 @@ class Connection(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=self.hub.core.limits.max_sendq)
         peer = transport.get_extra_info("peername")
         self.addr = address_key(str(peer[0])) if peer else ""
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            watch_for_silence(sock)
         if self.tls is not None:
             # Nothing is read before the handshake: start_tls, which runs before
             # this transport's first read, stops reading it and hands it to TLS.
@@ -1749,10 +1785,7 @@ class Connection(asyncio.BufferedProtocol):
         assert self.transport is not None
         sock = self.transport.get_extra_info("socket")
         if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except OSError:
-                pass
+            reset_on_close(sock)
         self.transport.abort()
 
     # -- Peer -----------------------------------------------------------------
@@ -2344,7 +2377,8 @@ async def serve(args: argparse.Namespace, limits: Limits, tls: ssl.SSLContext | 
     if web is not None:  # the same room for browsers (chatroom_ext/web.py)
         web_host = args.host if args.web_host is None else args.web_host
         door = web.create(hub, host=web_host, port=args.web, origins=args.web_origin, tls=tls,
-                          limits=limits, address_key=address_key, exempt=hub.core.exempt)
+                          limits=limits, address_key=address_key, exempt=hub.core.exempt,
+                          watch_for_silence=watch_for_silence, reset_on_close=reset_on_close)
         try:
             web_port = await door.start()
         except OSError as exc:

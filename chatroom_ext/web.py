@@ -105,6 +105,8 @@ class WebConfig:
     max_pending_per_ip: int  # ... and from one address (unless exempt)
     address_key: Callable[[str], str]  # server.address_key
     exempt: Callable[[str], bool]  # is this address_key exempt from per-address limits?
+    watch_for_silence: Callable[[socket.socket], None]  # server.watch_for_silence
+    reset_on_close: Callable[[socket.socket], None]  # server.reset_on_close
 
 
 _ORIGIN = re.compile(r"(https?)://([^/?#@\s]+)")
@@ -256,14 +258,16 @@ class WebDoor:
     @classmethod
     def create(cls, hub: Hub, *, host: str, port: int, origins: list[str],
                tls: ssl.SSLContext | None, limits: Limits, address_key: Callable[[str], str],
-               exempt: Callable[[str], bool]) -> WebDoor:
+               exempt: Callable[[str], bool], watch_for_silence: Callable[[socket.socket], None],
+               reset_on_close: Callable[[socket.socket], None]) -> WebDoor:
         """The door for server.py's flags: the HTTP phase (before a WebSocket
         joins the core's count) is capped and timed like a login."""
         return cls(hub, WebConfig(
             host=host, port=port, origins=parse_origins(origins), tls=tls,
             max_line=limits.max_line, max_sendq=limits.max_sendq,
             handshake_timeout=limits.login_timeout, max_pending=limits.max_clients,
-            max_pending_per_ip=limits.max_per_ip, address_key=address_key, exempt=exempt))
+            max_pending_per_ip=limits.max_per_ip, address_key=address_key, exempt=exempt,
+            watch_for_silence=watch_for_silence, reset_on_close=reset_on_close))
 
     async def start(self) -> int:
         """Listen; return the port (the first socket's). Raises OSError."""
@@ -361,6 +365,9 @@ class WebConnection(asyncio.Protocol):
             transport.abort()
             return
         self.pending = True
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self.door.config.watch_for_silence(sock)
         loop = asyncio.get_running_loop()
         self.timer = loop.call_later(self.door.config.handshake_timeout, self.abort)
         tls = self.door.config.tls
@@ -426,10 +433,7 @@ class WebConnection(asyncio.Protocol):
         assert self.transport is not None
         sock = self.transport.get_extra_info("socket")
         if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except OSError:
-                pass
+            self.door.config.reset_on_close(sock)
         self.transport.abort()
 
     # -- HTTP --------------------------------------------------------------------

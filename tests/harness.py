@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import shutil
 import signal as signal_module
 import socket
 import subprocess
@@ -311,6 +312,25 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def watched_sockets(side: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> list[bool]:
+    """For each established TCP socket whose `side` port ("sport": this
+    end's, "dport": the other end's) is `port`: has it a keepalive timer?
+    Read from `ss` (iproute2), once no socket has data in flight (its
+    retransmission timer would be shown instead); skips the test where
+    there is no `ss`."""
+    if shutil.which("ss") is None:
+        pytest.skip("no ss (iproute2) to read the sockets' timers with")
+    deadline = time.monotonic() + timeout
+    while True:
+        shown = subprocess.run(
+            ["ss", "-tnoH", "state", "established", f"( {side} = :{port} )"],
+            capture_output=True, text=True, timeout=10, check=True).stdout
+        lines = [line for line in shown.splitlines() if line.strip()]
+        if not any("timer:(on," in line for line in lines) or time.monotonic() > deadline:
+            return ["timer:(keepalive" in line for line in lines]
+        time.sleep(0.05)
 
 
 # -- a person with nc ---------------------------------------------------------------

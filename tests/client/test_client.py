@@ -325,3 +325,33 @@ def test_fold_rows_fit_and_every_continuation_is_indented(text: str, columns: in
         assert columns_of(row) <= columns
     for row in rows[1:]:
         assert row.startswith(client.CONTINUATION) and columns_of(row) > 2
+
+
+# --- -reconnect's refusals and the keepalive ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "since_loss", "again"),
+    [
+        ("full", 1000.0, True),
+        ("throttled", 0.0, True),
+        ("name-taken", 0.0, True),  # most likely this client's own vanished connection
+        ("name-taken", client.GHOST_WAIT - 1, True),
+        ("name-taken", client.GHOST_WAIT, False),  # someone else has the name
+        ("passcode", 0.0, False),
+        ("bad-username", 0.0, False),
+        ("something-new", 0.0, False),
+    ],
+)
+def test_which_refusals_are_tried_again(code: str, since_loss: float, again: bool) -> None:
+    assert client.retried(code, since_loss) is again
+
+
+def test_client_and_server_watch_for_silence_alike() -> None:
+    import server
+
+    for name in ("KEEPALIVE_IDLE", "KEEPALIVE_INTERVAL", "KEEPALIVE_COUNT", "UNACKED_TIMEOUT_MS"):
+        assert getattr(client, name) == getattr(server, name), name
+    # The server drops a vanished connection well before the client stops
+    # taking name-taken for its own ghost.
+    assert server.UNACKED_TIMEOUT_MS / 1000 + server.KEEPALIVE_IDLE < client.GHOST_WAIT

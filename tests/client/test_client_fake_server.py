@@ -841,8 +841,8 @@ def test_reconnect_tries_again_after_a_busy_server(
 @pytest.mark.parametrize(
     ("answer", "result"),
     [
-        (":error name-taken The username alice is already in the room",
-         Result(1, [], ["The username alice is already in the room"])),
+        (":error bad-username Usernames are 1 to 8 characters",
+         Result(1, [], ["Usernames are 1 to 8 characters"])),
         (":error passcode Incorrect passcode", Result(1, ["Incorrect passcode"], [])),
         (":error bad-login Say LOGIN first", Result(1, [], ["Say LOGIN first"])),
     ],
@@ -858,6 +858,25 @@ def test_reconnect_ends_on_a_refusal(
     peer.send(":hello chatroom 1", answer)
     peer.close()
     assert chat_client.finish() == result
+
+
+def test_reconnect_waits_out_its_own_vanished_connection_holding_the_name(
+    server: FakeServer, start_client: StartClient
+) -> None:
+    # The server has not yet dropped the old connection, so the name is
+    # taken by this very client: tried again, not the end.
+    chat_client, peer = connect(server, start_client, extra=("-reconnect",))
+    peer.close()
+    trying_again(chat_client.stderr.next())
+    peer = server.accept()
+    peer.line()
+    peer.send(":hello chatroom 1", ":error name-taken The username alice is already in the room")
+    peer.close()
+    trying_again(chat_client.stderr.next(), "refused: The username alice is already in the room")
+    peer = server.accept()
+    peer.log_in()
+    assert chat_client.stderr.next() == connected_again(server)
+    assert leave_with_bye(chat_client, peer) == Result(0, [], [])
 
 
 def test_reconnect_ends_on_another_protocol(server: FakeServer, start_client: StartClient) -> None:

@@ -261,3 +261,23 @@ def test_what_a_half_closed_client_is_owed_goes_out_before_the_close(factory: An
         assert conn.cid not in hub.peers
 
     run(factory, main)
+
+
+@pytest.mark.parametrize("factory", loops())
+def test_a_member_socket_is_dropped_by_the_kernel_once_its_peer_goes_silent(
+        factory: Any) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        hub = hub_with()
+        ours, theirs = tcp_pair()
+        await loop.connect_accepted_socket(lambda: server.Connection(hub), ours)
+        assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        if hasattr(socket, "TCP_KEEPIDLE"):  # Linux
+            tcp = socket.IPPROTO_TCP
+            assert ours.getsockopt(tcp, socket.TCP_KEEPIDLE) == server.KEEPALIVE_IDLE
+            assert ours.getsockopt(tcp, socket.TCP_KEEPINTVL) == server.KEEPALIVE_INTERVAL
+            assert ours.getsockopt(tcp, socket.TCP_KEEPCNT) == server.KEEPALIVE_COUNT
+            assert ours.getsockopt(tcp, socket.TCP_USER_TIMEOUT) == server.UNACKED_TIMEOUT_MS
+        theirs.close()
+
+    run(factory, main)

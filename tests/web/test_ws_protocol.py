@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import PASSCODE, Room, expect_one_error_line, time_line_re
+from harness import PASSCODE, Room, expect_one_error_line, time_line_re, watched_sockets
 from webwire import InvalidStatus, RawWs, WebServer, repo_file, run_server_without
 
 pytestmark = pytest.mark.e2e
@@ -168,6 +168,12 @@ def test_a_closed_websocket_leaves_the_room(web: WebServer, room: Room) -> None:
     alice = web.ws_join("alice", bob)
     alice.close()
     web.announced("alice left the chatroom", bob)
+
+
+def test_a_websocket_member_is_watched_for_silence(web: WebServer, room: Room) -> None:
+    bob = room.nc_join("bob")
+    web.ws_join("alice", bob)
+    assert watched_sockets("sport", web.web_port) == [True]
 
 
 def test_names_are_one_namespace(web: WebServer, room: Room) -> None:
