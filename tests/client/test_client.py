@@ -1,7 +1,13 @@
 """Unit tests of client.py's pure part: sanitize, the server-line parser, the
-line splitter and the command-line rules. No sockets, no processes."""
+line splitter, the command-line rules, the -reconnect retry rule. No sockets,
+no processes."""
 
 from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -352,6 +358,13 @@ def test_client_and_server_watch_for_silence_alike() -> None:
 
     for name in ("KEEPALIVE_IDLE", "KEEPALIVE_INTERVAL", "KEEPALIVE_COUNT", "UNACKED_TIMEOUT_MS"):
         assert getattr(client, name) == getattr(server, name), name
+
+    def code(function: Callable[..., object]) -> str:  # its statements, not its docstring
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function))).body[0]
+        assert isinstance(tree, ast.FunctionDef)
+        return ast.dump(ast.Module(body=tree.body[1:], type_ignores=[]))
+
+    assert code(client.watch_for_silence) == code(server.watch_for_silence)
     # The server drops a vanished connection well before the client stops
     # taking name-taken for its own ghost.
     assert server.UNACKED_TIMEOUT_MS / 1000 + server.KEEPALIVE_IDLE < client.GHOST_WAIT

@@ -860,19 +860,25 @@ def test_reconnect_ends_on_a_refusal(
     assert chat_client.finish() == result
 
 
-def test_reconnect_waits_out_its_own_vanished_connection_holding_the_name(
-    server: FakeServer, start_client: StartClient
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        "throttled Too many connections from your address",
+        # The server has not yet dropped this client's vanished connection.
+        "name-taken The username alice is already in the room",
+    ],
+)
+def test_reconnect_tries_again_after_a_refusal_that_time_mends(
+    server: FakeServer, start_client: StartClient, refusal: str
 ) -> None:
-    # The server has not yet dropped the old connection, so the name is
-    # taken by this very client: tried again, not the end.
     chat_client, peer = connect(server, start_client, extra=("-reconnect",))
     peer.close()
     trying_again(chat_client.stderr.next())
     peer = server.accept()
     peer.line()
-    peer.send(":hello chatroom 1", ":error name-taken The username alice is already in the room")
+    peer.send(":hello chatroom 1", ":error " + refusal)
     peer.close()
-    trying_again(chat_client.stderr.next(), "refused: The username alice is already in the room")
+    trying_again(chat_client.stderr.next(), "refused: " + refusal.split(" ", 1)[1])
     peer = server.accept()
     peer.log_in()
     assert chat_client.stderr.next() == connected_again(server)
