@@ -59,9 +59,9 @@ How the file is organised, top to bottom:
    and written by two threads at once). It hands every line that arrives to
    the Chat and sends what the Chat queues; the Chat reads no more input
    while over 1 MiB waits to be sent (HOLD_LIMIT). With -reconnect it also
-   connects and logs in again (Dialer), in that thread, while the main thread goes on
-   taking what is typed. When the connection ends for good it wakes the main
-   thread with a signal, since that thread may be blocked on stdin.
+   connects and logs in again (Dialer), in that thread, while the main thread
+   goes on taking what is typed. When the connection ends for good it wakes
+   the main thread with a signal, since that thread may be blocked on stdin.
 6. Chat: the main thread forwards what is typed (terminal, pipe or file)
    line by line; at the end of input, or after a typed :Exit, it has sent
    :Exit and waits for :bye, so every reply to what was sent gets printed.
@@ -933,16 +933,19 @@ KEEPALIVE_COUNT = 3
 UNACKED_TIMEOUT_MS = 60_000
 
 
+# The socket options that do it, those this platform has (worked out once).
+SILENCE_OPTIONS = ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1), *(
+    (socket.IPPROTO_TCP, getattr(socket, name), value)
+    for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+                        ("TCP_KEEPCNT", KEEPALIVE_COUNT), ("TCP_USER_TIMEOUT", UNACKED_TIMEOUT_MS))
+    if hasattr(socket, name)))
+
+
 def watch_for_silence(sock: socket.socket) -> None:
     """Have the kernel end `sock` once the server has gone silent: probes
     after 30 s of quiet, every 10 s; given up once nothing sent is
     acknowledged for 60 s (where the platform has these options)."""
-    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
-    for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
-                        ("TCP_KEEPCNT", KEEPALIVE_COUNT), ("TCP_USER_TIMEOUT", UNACKED_TIMEOUT_MS)):
-        if hasattr(socket, name):
-            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
-    for level, option, value in options:
+    for level, option, value in SILENCE_OPTIONS:
         try:
             sock.setsockopt(level, option, value)
         except OSError:

@@ -1575,15 +1575,18 @@ KEEPALIVE_COUNT: Final = 3
 UNACKED_TIMEOUT_MS: Final = 60_000
 
 
+# The socket options that do it, those this platform has (worked out once).
+SILENCE_OPTIONS: Final = ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1), *(
+    (socket.IPPROTO_TCP, getattr(socket, name), value)
+    for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+                        ("TCP_KEEPCNT", KEEPALIVE_COUNT), ("TCP_USER_TIMEOUT", UNACKED_TIMEOUT_MS))
+    if hasattr(socket, name)))
+
+
 def watch_for_silence(sock: socket.socket) -> None:
     """Have the kernel drop `sock` once its peer has gone silent (the
     KEEPALIVE_* settings; where the platform has them)."""
-    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
-    for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
-                        ("TCP_KEEPCNT", KEEPALIVE_COUNT), ("TCP_USER_TIMEOUT", UNACKED_TIMEOUT_MS)):
-        if hasattr(socket, name):
-            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
-    for level, option, value in options:
+    for level, option, value in SILENCE_OPTIONS:
         try:
             sock.setsockopt(level, option, value)
         except OSError:  # not a TCP socket, or the platform refuses it: no harm

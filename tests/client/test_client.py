@@ -365,6 +365,7 @@ def test_client_and_server_watch_for_silence_alike() -> None:
         return ast.dump(ast.Module(body=tree.body[1:], type_ignores=[]))
 
     assert code(client.watch_for_silence) == code(server.watch_for_silence)
+    assert client.SILENCE_OPTIONS == server.SILENCE_OPTIONS
     # The server drops a vanished connection well before the client stops
     # taking name-taken for its own ghost.
     assert server.UNACKED_TIMEOUT_MS / 1000 + server.KEEPALIVE_IDLE < client.GHOST_WAIT
